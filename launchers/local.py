@@ -1,0 +1,45 @@
+"""Run mdm_scale on this machine (CPU or one GPU):
+
+    python launchers/local.py config=tiny [objective=lomdm] [key=value ...]
+
+Only parses, builds, trains and closes; the loop lives in mdm_scale/train.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mdm_scale.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    name = "tiny"
+    overrides = []
+    for arg in argv:
+        if arg.startswith("config="):
+            name = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    try:
+        cfg = load_config(name, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from mdm_scale.train import train
+
+    result = train(cfg)
+    if result.evals:
+        first, last = result.evals[min(result.evals)], result.evals[max(result.evals)]
+        print(f"eval NELBO {first:.3f} -> {last:.3f} ({100 * (first - last) / first:.1f}% lower)")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""mdm_scale: masked diffusion language models with learned generation orders."""

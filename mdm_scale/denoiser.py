@@ -1,0 +1,179 @@
+"""The denoiser: a bidirectional megatron-core transformer over z_t, with SUBS output and scheduler heads.
+
+    tokens z_t [b, l] (mask id = vocab_size) -> vocab-parallel embedding (+ time embedding) -> TransformerBlock
+    (rotary, bidirectional, TP/PP-ready) -> final norm -> hidden [b, l, h]
+        -> vocab-parallel output head over the real vocabulary only: the mask token is never predicted (SUBS)
+        -> scheduler heads (LoMDM): one logit per position from detached hidden states
+
+The choice of local vs Transformer Engine layers lives in parallel/layer_spec.py; this file reads the same at
+TP = 1 and TP = 8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor, nn
+
+from mdm_scale.config import ModelConfig
+from parallel.layer_spec import denoiser_layer_spec, transformer_engine_available
+
+PAD_LOGIT = -1e9
+"""Logit given to padded vocabulary columns, so they get zero probability in fp32."""
+
+
+def padded_size(n: int, tensor_parallel_size: int, multiple: int = 128) -> int:
+    """Round a vocabulary size up so that every TP shard is equal and GEMM-friendly (as Megatron-LM does)."""
+    step = multiple * tensor_parallel_size
+    return int(math.ceil(n / step) * step)
+
+
+def transformer_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                       on_gpu: bool = False) -> TransformerConfig:
+    """megatron-core TransformerConfig for the denoiser (fusions only where they exist: GPU)."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        hidden_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout,
+        init_method_std=cfg.init_std,
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        use_cpu_initialization=True,  # same full weights for every TP layout and seed
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_sync=on_gpu,
+    )
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t -> MLP -> a vector added at every position (zero-initialised output)."""
+
+    def __init__(self, hidden_size: int, frequencies: int = 128):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t: Tensor) -> Tensor:  # [b] -> [b, h]
+        freqs = torch.exp(-math.log(10_000) * torch.arange(self.frequencies, device=t.device) / self.frequencies)
+        angles = 1000 * t.float()[:, None] * freqs[None, :]  # [b, f]
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+class SchedulerHead(nn.Module):
+    """A light MLP from (detached) backbone features to one logit per position; zero-initialised output,
+    so a fresh head gives the same exponent everywhere (MDLM's w = 1)."""
+
+    def __init__(self, hidden_size: int, head_size: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [b, l, h] -> [b, l]
+        return self.net(hidden).squeeze(-1)
+
+
+class Denoiser(MegatronModule):
+    """Bidirectional transformer denoiser.
+
+    Args:
+        cfg: model sizes.
+        vocab_size: real tokens (EOS included); the mask token gets id `vocab_size`.
+        max_seq_len: longest sequence (rotary tables are built on the fly, this only bounds inputs).
+        scheduler_heads: names of per-position heads to build ("forward_scheduler", "backward_scheduler" for LoMDM).
+        tensor_parallel_size: TP size (to pad the vocabulary evenly).
+        on_gpu: enable fused kernels / Transformer Engine where available.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
+                 tensor_parallel_size: int = 1, on_gpu: bool = False, causal: bool = False):
+        config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size, on_gpu=on_gpu)
+        super().__init__(config=config)
+        use_te = on_gpu and cfg.transformer_engine != "off" and transformer_engine_available()
+        if cfg.transformer_engine == "on" and not use_te:
+            raise RuntimeError("model.transformer_engine=on but Transformer Engine is not usable here (needs GPU)")
+        self.vocab_size, self.mask_id, self.max_seq_len = vocab_size, vocab_size, max_seq_len
+        self.embedding = LanguageModelEmbedding(
+            config, vocab_size=padded_size(vocab_size + 1, tensor_parallel_size),
+            max_sequence_length=max_seq_len, position_embedding_type="rope",
+        )
+        self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                      use_cpu_initialization=True)
+        self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
+        self.decoder = TransformerBlock(config, denoiser_layer_spec(use_transformer_engine=use_te, causal=causal))
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, padded_size(vocab_size, tensor_parallel_size), config=config,
+            init_method=config.init_method, bias=False, gather_output=False,
+        )
+        self.scheduler_heads = nn.ModuleDict(
+            {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
+        )
+        self.causal = causal
+
+    def _vocab_slice(self, shard_width: int) -> tuple[int, int]:
+        rank = parallel_state.get_tensor_model_parallel_rank() if self.config.tensor_model_parallel_size > 1 else 0
+        return rank * shard_width, (rank + 1) * shard_width
+
+    def forward(self, tokens: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Final-norm features [b, l, h] of z_t (the output head and the scheduler heads read these).
+
+        Args:
+        tokens: [b, l] ids in [0, vocab_size] (vocab_size = mask).
+        t: [b] times, used only when the model is time-conditioned.
+        attention_mask: [b, 1, l, l] bool, True = may not attend (document boundaries); None = full attention.
+        """
+        b, l = tokens.shape
+        if l > self.max_seq_len:
+            raise ValueError(f"sequence length {l} exceeds the model's max_seq_len {self.max_seq_len}")
+        positions = torch.arange(l, device=tokens.device)[None, :].expand(b, -1)
+        hidden = self.embedding(input_ids=tokens, position_ids=positions)  # [l, b, h]
+        if self.time_embedding is not None:
+            if t is None:
+                raise ValueError("a time-conditioned denoiser needs t")
+            hidden = hidden + self.time_embedding(t)[None, :, :].to(hidden.dtype)
+        if attention_mask is None and not self.causal:
+            attention_mask = torch.zeros(b, 1, l, l, dtype=torch.bool, device=tokens.device)
+        hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=self.rotary(l))  # [l, b, h]
+        return hidden.transpose(0, 1)
+
+    def output_logits(self, hidden: Tensor) -> Tensor:
+        """[n, h] features (e.g. only the masked positions: the loss needs no others) -> [n, v_shard] logits over
+        this TP rank's slice of the padded real vocabulary. The mask id is not a column (SUBS); padded columns
+        get PAD_LOGIT so they never carry probability."""
+        logits, _ = self.output_layer(hidden[:, None, :])  # [n, 1, v_shard] (megatron's linear wants 3-D)
+        logits = logits[:, 0, :]
+        lo, hi = self._vocab_slice(logits.shape[-1])
+        if hi > self.vocab_size:
+            pad = torch.arange(lo, hi, device=logits.device) >= self.vocab_size
+            logits = logits.masked_fill(pad, PAD_LOGIT)
+        return logits
+
+    def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
+        """[b, l] logits of scheduler head `name` from features; gradients stop at the backbone."""
+        return self.scheduler_heads[name](hidden.detach().float())
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log p(target) per row of [n, v_shard] logits, [n], in fp32, reduced across TP vocabulary shards."""
+    logits = logits.float()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits[:, None, :], targets[:, None])[:, 0]
+    return F.cross_entropy(logits, targets, reduction="none")

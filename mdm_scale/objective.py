@@ -1,0 +1,133 @@
+"""One NELBO estimator for every schedule: MDLM, AR, block, MDM(LS) and LoMDM (docs/objective.md).
+
+    L(x) = E_t E_{z_t} sum_{i: z_t^i = m} A_i(t) * (-log p_theta(x^i | z_t, t))          [+ LoMDM velocity term]
+
+Per sequence we draw one t (antithetic, optional power-law proposal with importance weight) and one z_t, run the
+denoiser once, and weight the per-token NLL of masked positions. Learned schedules also get a score-function
+(RLOO) gradient for the discrete masking, so their parameters see the whole gradient of the NELBO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdm_scale.config import ObjectiveConfig
+from mdm_scale.denoiser import Denoiser, token_nll
+from mdm_scale.schedules import Schedule
+from mdm_scale.schedules.lomdm import StateDependentSchedule
+from mdm_scale.time_sampling import sample_times
+
+
+@dataclass
+class NelboTerms:
+    loss: Tensor
+    """Scalar to backpropagate: the per-token NELBO estimate plus a zero-valued score-function surrogate."""
+    nelbo: Tensor
+    """Scalar per-token NELBO estimate (detached): sum over positions / number of tokens, as MDLM reduces."""
+    per_sequence: Tensor
+    """[b] per-sequence NELBO estimate (sum over positions, detached)."""
+    reconstruction: Tensor
+    """Scalar per-token reconstruction part (detached)."""
+    velocity: Tensor
+    """Scalar per-token velocity-matching part (detached; 0 unless LoMDM)."""
+    masked_fraction: Tensor
+
+
+def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
+    """A (log A - log A_hat) - (A - A_hat): >= 0 (log x <= x - 1), and exactly 0 where A_hat = A."""
+    return velocity * (velocity.log() - predicted.log()) - (velocity - predicted)
+
+
+def draw_noise(
+    batch_size: int, seq_len: int, cfg: ObjectiveConfig, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Times [b] (float64), their importance weights [b] and per-position uniforms [b, l] for the masks."""
+    t, t_weight = sample_times(
+        batch_size, generator=generator, t_min=cfg.t_min, power=cfg.time_power, antithetic=cfg.antithetic
+    )
+    uniforms = torch.rand(batch_size, seq_len, generator=generator, dtype=torch.float64)
+    return t.to(device), t_weight.to(device), uniforms.to(device)
+
+
+def nelbo(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    x0: Tensor,
+    t: Tensor,
+    t_weight: Tensor,
+    uniforms: Tensor,
+    *,
+    velocity_weight: float = 1.0,
+    score_function: bool = True,
+) -> NelboTerms:
+    """Single-sample NELBO estimate at the given noise.
+
+    Args:
+        x0: [b, l] clean token ids.
+        t: [b] float64 times; t_weight: [b] importance weights of those times.
+        uniforms: [b, l] float64 in [0, 1): position i is masked iff uniforms < 1 - alpha_i(t).
+        velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
+        score_function: add the RLOO score-function surrogate for learned schedules.
+    """
+    b, l = x0.shape
+    # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
+    forward_logits = None
+    if schedule.needs_clean_features:
+        with torch.no_grad():
+            clean_hidden = denoiser(x0, torch.zeros_like(t))
+        forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
+
+    # 2. Mask: z_t^i = m iff u_i < 1 - alpha_i(t).
+    masking = schedule.masking(t, l, forward_logits)
+    masked = uniforms < masking.mask_prob  # [b, l]
+    z_t = torch.where(masked, torch.full_like(x0, denoiser.mask_id), x0)
+
+    # 3. Denoise: one pass over z_t; SUBS (unmasked positions copy their input) = no loss there.
+    hidden = denoiser(z_t, t.float())  # [b, l, h]
+    nll = torch.zeros(b, l, dtype=torch.float32, device=x0.device)
+    nll[masked] = token_nll(denoiser.output_logits(hidden[masked]), x0[masked])  # logits only where needed
+
+    # 4. Weight: A_i(t) at masked positions, times the importance weight of t.
+    weight = (masking.weight * t_weight[:, None]).to(nll.dtype) * masked  # [b, l]
+    reconstruction = (weight * nll).sum(-1)  # [b]
+    velocity = torch.zeros_like(reconstruction)
+    if isinstance(schedule, StateDependentSchedule):
+        w = masking.exponents  # [b, l]
+        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
+        # A = w / t and A_hat = w_hat / t share the 1/t factor, which becomes part of the weight.
+        inv_t = (t_weight / t)[:, None].to(nll.dtype)
+        velocity = (masked * inv_t * velocity_matching(w.to(nll.dtype), w_hat)).sum(-1)
+    per_sequence = reconstruction + velocity_weight * velocity  # [b]
+
+    # 5. Normalise per token (MDLM: over all tokens, masked or not).
+    num_tokens = b * l
+    value = per_sequence.sum() / num_tokens
+    loss = value
+    if schedule.learned and score_function and b > 1:
+        log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob).sum(-1)  # [b]
+        reward = per_sequence.detach().to(torch.float64)
+        baseline = (reward.sum() - reward) / (b - 1)  # leave-one-out: independent of z_t of this sequence
+        surrogate = ((reward - baseline) * (log_q - log_q.detach())).sum() / num_tokens
+        loss = loss + surrogate.to(loss.dtype)
+    return NelboTerms(
+        loss=loss,
+        nelbo=value.detach(),
+        per_sequence=per_sequence.detach(),
+        reconstruction=reconstruction.detach().sum() / num_tokens,
+        velocity=velocity.detach().sum() / num_tokens,
+        masked_fraction=masked.float().mean(),
+    )
+
+
+def training_nelbo(
+    denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator
+) -> NelboTerms:
+    """Draw noise from `generator` and estimate the NELBO of a batch (the training objective)."""
+    t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], cfg, generator, x0.device)
+    return nelbo(
+        denoiser, schedule, x0, t, t_weight, uniforms,
+        velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
+    )

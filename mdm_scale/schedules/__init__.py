@@ -1,0 +1,29 @@
+"""Noise schedules, one family per module, picked by `objective.schedule.kind`."""
+
+from __future__ import annotations
+
+from mdm_scale.schedules.base import Masking, Schedule
+from mdm_scale.schedules.block import BlockSchedule
+from mdm_scale.schedules.learned import LearnedPositionSchedule
+from mdm_scale.schedules.lomdm import StateDependentSchedule
+from mdm_scale.schedules.univariate import UnivariateSchedule
+
+KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "block", "mdm_ls", "lomdm")
+
+
+def build_schedule(cfg, max_seq_len: int) -> Schedule:
+    """Build the schedule named by `cfg.kind` (a ScheduleConfig)."""
+    if cfg.kind in ("loglinear", "cosine", "polynomial"):
+        return UnivariateSchedule(cfg.kind, eps=cfg.eps, exponent=cfg.exponent)
+    if cfg.kind in ("left_to_right", "right_to_left"):
+        return BlockSchedule(1, reverse=cfg.kind == "right_to_left")
+    if cfg.kind == "block":
+        return BlockSchedule(cfg.block_size, inner=cfg.inner, exponent=cfg.exponent)
+    if cfg.kind == "mdm_ls":
+        return LearnedPositionSchedule(max_seq_len, cfg.min_exponent, cfg.exponent_range)
+    if cfg.kind == "lomdm":
+        return StateDependentSchedule(cfg.min_exponent, cfg.exponent_range)
+    raise ValueError(f"unknown schedule kind '{cfg.kind}'; valid: {', '.join(KINDS)}")
+
+
+__all__ = ["KINDS", "Masking", "Schedule", "build_schedule"]

@@ -1,0 +1,194 @@
+"""The one training loop: data -> noise -> denoiser -> NELBO -> AdamW step, with eval, checkpoints and samples.
+
+    python launchers/local.py config=tiny [objective=lomdm] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+
+from data_pipeline.corpus import build_token_corpus
+from data_pipeline.packed import PackedBatches
+from data_pipeline.tokenizer import load_tokenizer
+from mdm_scale.config import RunConfig, to_yaml
+from mdm_scale.denoiser import Denoiser
+from mdm_scale.evaluation import evaluate_nelbo
+from mdm_scale.metrics import MetricsLogger
+from mdm_scale.objective import training_nelbo
+from mdm_scale.sampling import ancestral_sample
+from mdm_scale.schedules import build_schedule
+from parallel.checkpoint import latest_checkpoint, save_checkpoint
+from parallel.distributed import ParallelDims, init_distributed
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss (per-token NELBO estimate) of every step run in this call."""
+    evals: dict[int, float] = field(default_factory=dict)
+    """Held-out NELBO per evaluated step."""
+    checkpoint: str | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.ModuleDict:
+    """Denoiser (with LoMDM's scheduler heads when needed) and schedule, in one module for the optimizer."""
+    schedule = build_schedule(cfg.objective.schedule, max_seq_len=cfg.data.seq_len)
+    heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
+    denoiser = Denoiser(
+        cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
+        tensor_parallel_size=dims.tensor_parallel, on_gpu=dims.device.type == "cuda",
+    )
+    return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule}).to(dims.device)
+
+
+def _trainer_state(step, generator, batches) -> dict:
+    return {
+        "step": step,
+        "noise_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
+        "tracker_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "data": batches.state_dict(),
+    }
+
+
+def _restore_trainer_state(state, generator, batches) -> None:
+    generator.set_state(state["noise_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state["cuda_rng"].numel():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker_rng"])
+    batches.load_state_dict(state["data"])
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; returns losses, evals, checkpoint path and samples."""
+    dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
+                            pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
+                            seed=cfg.train.seed)
+    if dims.data_parallel > 1 or dims.pipeline_parallel > 1:
+        raise NotImplementedError("data and pipeline parallelism are not wired into the loop yet (parallel issue)")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dims.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # Data: the embedded corpus, tokenized once and cached; packed into fixed-length windows.
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    train_tokens, heldout_tokens = build_token_corpus(cfg.data.source, tokenizer, Path(cfg.data.cache_dir).expanduser())
+    batches = PackedBatches(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=cfg.train.seed)
+    eval_batches = list(PackedBatches(heldout_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0,
+                                      shuffle=False))[: cfg.train.eval_batches]
+
+    # Model, optimizer, LR schedule, noise generator.
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tokenizer.vocab_size, dims)
+    denoiser, schedule = model["denoiser"], model["schedule"]
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
+    )
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1)
+    step = 0
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+        lr_schedule.load_state_dict(ckpt.optimizer["lr_schedule"])
+        _restore_trainer_state(ckpt.trainer, generator, batches)
+        step = ckpt.step
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dims.device.type == "cuda")
+                else nullcontext())
+    logger = MetricsLogger(cfg.logging, run_dir=str(run_dir), run_name=cfg.name, config=asdict(cfg),
+                           total_steps=cfg.train.steps, start_step=step, enabled=dims.is_main)
+    if step:
+        logger.write(f"resumed from {ckpt.path} at step {step}")
+    result = TrainResult(step=step)
+
+    def evaluate() -> None:
+        with autocast:
+            metrics = evaluate_nelbo(denoiser, schedule, eval_batches, cfg.objective,
+                                     time_samples=cfg.train.eval_time_samples, device=dims.device)
+        result.evals[step] = metrics["nelbo"]
+        logger.write(f"eval step {step}: nelbo {metrics['nelbo']:.4f} ppl<= {metrics['ppl_bound']:.1f}")
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+
+    def checkpoint() -> None:
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        path = save_checkpoint(ckpt_dir, step, model=state, keep=cfg.checkpoint.keep,
+                               optimizer={"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
+                               trainer=_trainer_state(step, generator, batches))
+        result.checkpoint = str(path)
+
+    if step == 0:
+        evaluate()
+    stop = cfg.train.stop_at or cfg.train.steps
+    model.train()
+    while step < min(stop, cfg.train.steps):
+        # One optimizer step over grad_accumulation micro-batches.
+        loss_sum = 0.0
+        for _ in range(cfg.data.grad_accumulation):
+            x0 = next(batches).to(dims.device)  # [b, l]
+            with autocast:
+                terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator)
+            (terms.loss / cfg.data.grad_accumulation).backward()
+            loss_sum += terms.nelbo.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip or float("inf"))
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = loss_sum / cfg.data.grad_accumulation
+        result.losses[step] = loss
+        tokens = cfg.data.grad_accumulation * x0.numel() * dims.data_parallel
+        logger.step(step, tokens, {"loss": loss, "grad_norm": float(grad_norm), "lr": lr_schedule.get_last_lr()[0],
+                                   "masked": float(terms.masked_fraction)})
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            evaluate()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            checkpoint()
+    if step >= cfg.train.steps:
+        if step not in result.evals:
+            evaluate()
+    if result.checkpoint is None or not result.checkpoint.endswith(f"{step:08d}"):
+        checkpoint()
+    result.step = step
+    if step >= cfg.train.steps and cfg.sampling.num_samples and dims.is_main:
+        result.samples = _sample(cfg, denoiser, schedule, tokenizer, dims, logger)
+        (run_dir / "samples.txt").write_text("\n\n-----\n\n".join(result.samples))
+    logger.write(f"checkpoint: {result.checkpoint}")
+    logger.close()
+    return result
+
+
+def _sample(cfg, denoiser, schedule, tokenizer, dims, logger) -> list[str]:
+    generator = torch.Generator().manual_seed(cfg.train.seed + 2)
+    ids = ancestral_sample(denoiser, schedule, num_samples=cfg.sampling.num_samples, seq_len=cfg.sampling.seq_len,
+                           nfe=cfg.sampling.nfe, generator=generator, temperature=cfg.sampling.temperature,
+                           device=dims.device)
+    texts = [tokenizer.decode(row.tolist()) for row in ids.cpu()]
+    for i, text in enumerate(texts):
+        logger.write(f"--- sample {i} (NFE {cfg.sampling.nfe}) ---\n{text}")
+    return texts

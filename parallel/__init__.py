@@ -1,0 +1,1 @@
+"""Process groups, layer specs, CPU compatibility and checkpoints. Knows nothing of diffusion."""

@@ -1,0 +1,44 @@
+"""Lets megatron-core run on CPU (gloo) by redirecting its few hard-coded CUDA calls.
+
+megatron-core assumes CUDA in a handful of places (see ../shared/docs/STACK.md). Each patch below is needed
+only on CPU and is applied once, process-wide, by `apply()`; on GPU machines nothing here is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def apply() -> None:
+    """Patch megatron-core's CUDA-only calls to use the CPU. Idempotent."""
+    global _applied
+    if _applied:
+        return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    # 1. Model build asks torch.cuda.current_device() for the device of new tensors.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # 2. The tensor-parallel RNG tracker saves and restores the "CUDA" generator: use the CPU one.
+    def get_state(*args, **kwargs):
+        return torch.get_rng_state()
+
+    def set_state(state, *args, **kwargs):
+        torch.set_rng_state(state)
+
+    torch.cuda.get_rng_state = get_state
+    torch.cuda.manual_seed = torch.manual_seed
+    tp_random._get_cuda_rng_state = get_state
+    tp_random._set_cuda_rng_state = set_state
+
+    # 3. The default causal mask is built on "cuda" (fused_softmax imports it by name).
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    transformer_utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+    _applied = True

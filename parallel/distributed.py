@@ -1,0 +1,102 @@
+"""Process-group setup from torchrun / SLURM environment variables, and megatron's model-parallel state.
+
+One `ParallelDims` is built here once and passed down; nothing else reads rank globals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The parallel layout of this job, as seen from this rank."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    device: torch.device
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(
+    *, tensor_parallel: int = 1, pipeline_parallel: int = 1, device: str = "auto", seed: int = 0
+) -> ParallelDims:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state. Idempotent.
+
+    Args:
+        tensor_parallel: TP size; must divide the world size together with `pipeline_parallel`.
+        pipeline_parallel: PP size.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        seed: seed of megatron's model-parallel RNG tracker (dropout inside TP regions).
+    """
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if not use_cuda:
+        from parallel import cpu_compat
+
+        cpu_compat.apply()
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
+            f"{tensor_parallel} x {pipeline_parallel}"
+        )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world == 1:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=30),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel
+            or parallel_state.get_pipeline_model_parallel_world_size() != pipeline_parallel
+        ):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+        )
+    mcore_tp.model_parallel_cuda_manual_seed(seed)
+    return ParallelDims(world, rank, local_rank, tensor_parallel, pipeline_parallel, dev)
