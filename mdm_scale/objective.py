@@ -41,6 +41,14 @@ def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
     return velocity * (velocity.log() - predicted.log()) - (velocity - predicted)
 
 
+def masked_token_nll(denoiser: Denoiser, hidden: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
+    """[n] NLL of targets from [n, h] features of masked positions only (the loss needs no others), in chunks
+    so that no [n, V] logits tensor is materialised at once (each chunk's logits stay below ~32 MB)."""
+    if len(targets) == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([token_nll(denoiser.output_logits(h), y) for h, y in zip(hidden.split(chunk), targets.split(chunk))])
+
+
 def draw_noise(
     batch_size: int, seq_len: int, cfg: ObjectiveConfig, generator: torch.Generator, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +96,7 @@ def nelbo(
     # 3. Denoise: one pass over z_t; SUBS (unmasked positions copy their input) = no loss there.
     hidden = denoiser(z_t, t.float())  # [b, l, h]
     nll = torch.zeros(b, l, dtype=torch.float32, device=x0.device)
-    nll[masked] = token_nll(denoiser.output_logits(hidden[masked]), x0[masked])  # logits only where needed
+    nll[masked] = masked_token_nll(denoiser, hidden[masked], x0[masked])
 
     # 4. Weight: A_i(t) at masked positions, times the importance weight of t.
     weight = (masking.weight * t_weight[:, None]).to(nll.dtype) * masked  # [b, l]

@@ -1,0 +1,1 @@
+"""Offline text corpora, tokenizers and resumable packed batches for pretraining."""

@@ -1,0 +1,57 @@
+"""Checkpoints: atomic, checksummed, safe to load, and a corrupt newest one falls back to the previous."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+def _save(root, step, keep=3):
+    return save_checkpoint(root, step, model={"w": torch.full((4,), float(step))},
+                           optimizer={"state": {0: {"exp_avg": torch.ones(4)}}, "lr": 1e-3},
+                           trainer={"step": step, "rng": torch.get_rng_state()}, keep=keep)
+
+
+def test_save_load_restores_state(tmp_path):
+    _save(tmp_path, 5)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.step == 5 and torch.equal(ckpt.model["w"], torch.full((4,), 5.0))
+    assert ckpt.optimizer["lr"] == 1e-3 and ckpt.trainer["step"] == 5
+
+
+def test_keep_prunes_old_checkpoints_and_ignores_partial_writes(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep=2)
+    (tmp_path / ".tmp-step_00000005-123").mkdir()  # a writer killed mid-save
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
+def test_flipped_byte_is_detected_and_previous_checkpoint_used(tmp_path):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert latest_checkpoint(tmp_path).step == 1
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = _save(tmp_path, 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, path / "trainer.pt")
+    import hashlib, json  # noqa: E401
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["sha256"]["trainer.pt"] = hashlib.sha256((path / "trainer.pt").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_checkpoint(path)
