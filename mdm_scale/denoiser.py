@@ -12,8 +12,6 @@ TP = 1 and TP = 8.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -32,8 +30,9 @@ PAD_LOGIT = -1e9
 
 
 def padded_size(n: int, tensor_parallel_size: int, multiple: int = 128) -> int:
-    """Round a vocabulary size up so that every TP shard is equal and GEMM-friendly (as Megatron-LM does)."""
-    step = multiple * tensor_parallel_size
+    """Round a vocabulary size up to a GEMM-friendly multiple that every TP size divides. Unlike Megatron-LM
+    (multiple x TP) the padded size does not depend on TP, so checkpoints move between TP layouts as they are."""
+    step = math.lcm(multiple, tensor_parallel_size)
     return int(math.ceil(n / step) * step)
 
 

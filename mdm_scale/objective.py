@@ -70,6 +70,7 @@ def nelbo(
     *,
     velocity_weight: float = 1.0,
     score_function: bool = True,
+    reduce_group=None,
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise.
 
@@ -79,6 +80,7 @@ def nelbo(
         uniforms: [b, l] float64 in [0, 1): position i is masked iff uniforms < 1 - alpha_i(t).
         velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
         score_function: add the RLOO score-function surrogate for learned schedules.
+        reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
     """
     b, l = x0.shape
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
@@ -114,10 +116,15 @@ def nelbo(
     num_tokens = b * l
     value = per_sequence.sum() / num_tokens
     loss = value
-    if schedule.learned and score_function and b > 1:
+    if schedule.learned and score_function:
         log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob).sum(-1)  # [b]
         reward = per_sequence.detach().to(torch.float64)
-        baseline = (reward.sum() - reward) / (b - 1)  # leave-one-out: independent of z_t of this sequence
+        totals = torch.stack([reward.sum(), torch.tensor(float(b), dtype=torch.float64, device=reward.device)])
+        if reduce_group is not None:
+            torch.distributed.all_reduce(totals, group=reduce_group)
+        if totals[1] < 2:
+            raise ValueError("learned schedules need >= 2 sequences per batch for the RLOO baseline")
+        baseline = (totals[0] - reward) / (totals[1] - 1)  # leave-one-out: independent of this sequence's z_t
         surrogate = ((reward - baseline) * (log_q - log_q.detach())).sum() / num_tokens
         loss = loss + surrogate.to(loss.dtype)
     return NelboTerms(
@@ -131,11 +138,19 @@ def nelbo(
 
 
 def training_nelbo(
-    denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator
+    denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator,
+    *, data_parallel_rank: int = 0, data_parallel_size: int = 1, data_parallel_group=None,
 ) -> NelboTerms:
-    """Draw noise from `generator` and estimate the NELBO of a batch (the training objective)."""
-    t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], cfg, generator, x0.device)
+    """Estimate the NELBO of a batch (the training objective) with noise drawn from `generator`.
+
+    Every data-parallel rank draws the noise of the global batch (stratified over all of it) and keeps its own
+    strided slice, the same striding the data loader uses: DP = N sees exactly the noise of DP = 1.
+    """
+    b, l = x0.shape
+    t, t_weight, uniforms = draw_noise(b * data_parallel_size, l, cfg, generator, x0.device)
+    mine = slice(data_parallel_rank, None, data_parallel_size)
     return nelbo(
-        denoiser, schedule, x0, t, t_weight, uniforms,
+        denoiser, schedule, x0, t[mine], t_weight[mine], uniforms[mine],
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
+        reduce_group=data_parallel_group if data_parallel_size > 1 else None,
     )

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
 from data_pipeline.corpus import build_token_corpus
@@ -26,6 +26,7 @@ from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
 from parallel.checkpoint import latest_checkpoint, save_checkpoint
 from parallel.distributed import ParallelDims, init_distributed
+from parallel.engine import build_engine, safe_checkpoint_globals
 
 
 @dataclass
@@ -83,21 +84,24 @@ def train(cfg: RunConfig) -> TrainResult:
     dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
                             pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
                             seed=cfg.train.seed)
-    if dims.data_parallel > 1 or dims.pipeline_parallel > 1:
-        raise NotImplementedError("data and pipeline parallelism are not wired into the loop yet (parallel issue)")
+    if dims.pipeline_parallel > 1:
+        raise NotImplementedError("pipeline parallelism is not wired into the loop yet (parallel issue)")
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.data_parallel
+    shard = f"tp{parallel_state.get_tensor_model_parallel_rank()}-pp0-dp{dp_rank}"
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dims.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    # Data: the embedded corpus, tokenized once and cached; packed into fixed-length windows.
+    # Data: the embedded corpus, tokenized once and cached; packed into fixed-length windows, one slice per DP rank.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_tokens, heldout_tokens = build_token_corpus(cfg.data.source, tokenizer, Path(cfg.data.cache_dir).expanduser())
-    batches = PackedBatches(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=cfg.train.seed)
+    batches = PackedBatches(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=cfg.train.seed,
+                            rank=dp_rank, world_size=dp_size)
     eval_batches = list(PackedBatches(heldout_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0,
                                       shuffle=False))[: cfg.train.eval_batches]
 
-    # Model, optimizer, LR schedule, noise generator.
+    # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tokenizer.vocab_size, dims)
     denoiser, schedule = model["denoiser"], model["schedule"]
@@ -107,13 +111,14 @@ def train(cfg: RunConfig) -> TrainResult:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )
+    engine = build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
+                          grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     step = 0
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals())):
         model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer["optimizer"])
-        lr_schedule.load_state_dict(ckpt.optimizer["lr_schedule"])
+        engine.load_optimizer_state(ckpt.optimizer)
         _restore_trainer_state(ckpt.trainer, generator, batches)
         step = ckpt.step
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -135,33 +140,32 @@ def train(cfg: RunConfig) -> TrainResult:
 
     def checkpoint() -> None:
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        path = save_checkpoint(ckpt_dir, step, model=state, keep=cfg.checkpoint.keep,
-                               optimizer={"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()},
-                               trainer=_trainer_state(step, generator, batches))
+        path = save_checkpoint(ckpt_dir, step, model=state, optimizer=engine.optimizer_state(),
+                               trainer=_trainer_state(step, generator, batches), shard=shard,
+                               keep=cfg.checkpoint.keep)
         result.checkpoint = str(path)
 
     if step == 0:
         evaluate()
-    stop = cfg.train.stop_at or cfg.train.steps
+    stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     model.train()
-    while step < min(stop, cfg.train.steps):
+    while step < stop:
         # One optimizer step over grad_accumulation micro-batches.
         loss_sum = 0.0
         for _ in range(cfg.data.grad_accumulation):
             x0 = next(batches).to(dims.device)  # [b, l]
             with autocast:
-                terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator)
-            (terms.loss / cfg.data.grad_accumulation).backward()
+                terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, data_parallel_rank=dp_rank,
+                                       data_parallel_size=dp_size,
+                                       data_parallel_group=parallel_state.get_data_parallel_group())
+            engine.backward(terms.loss)
             loss_sum += terms.nelbo.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip or float("inf"))
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         step += 1
-        loss = loss_sum / cfg.data.grad_accumulation
+        loss = _data_parallel_mean(loss_sum / cfg.data.grad_accumulation, dp_size, dims.device)
         result.losses[step] = loss
-        tokens = cfg.data.grad_accumulation * x0.numel() * dims.data_parallel
-        logger.step(step, tokens, {"loss": loss, "grad_norm": float(grad_norm), "lr": lr_schedule.get_last_lr()[0],
+        tokens = cfg.data.grad_accumulation * x0.numel() * dp_size
+        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr,
                                    "masked": float(terms.masked_fraction)})
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step}")
@@ -169,18 +173,27 @@ def train(cfg: RunConfig) -> TrainResult:
             evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             checkpoint()
-    if step >= cfg.train.steps:
-        if step not in result.evals:
-            evaluate()
+    if step >= cfg.train.steps and step not in result.evals:
+        evaluate()
     if result.checkpoint is None or not result.checkpoint.endswith(f"{step:08d}"):
         checkpoint()
     result.step = step
-    if step >= cfg.train.steps and cfg.sampling.num_samples and dims.is_main:
+    if step >= cfg.train.steps and cfg.sampling.num_samples:
         result.samples = _sample(cfg, denoiser, schedule, tokenizer, dims, logger)
-        (run_dir / "samples.txt").write_text("\n\n-----\n\n".join(result.samples))
+        if dims.is_main:
+            (run_dir / "samples.txt").write_text("\n\n-----\n\n".join(result.samples))
     logger.write(f"checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def _data_parallel_mean(value: float, dp_size: int, device: torch.device) -> float:
+    """Average a per-rank scalar over the data-parallel group (the global batch's loss)."""
+    if dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.item() / dp_size
 
 
 def _sample(cfg, denoiser, schedule, tokenizer, dims, logger) -> list[str]:

@@ -1,13 +1,14 @@
-"""Atomic, checksummed checkpoints: safetensors weights + optimizer state + trainer state (RNG, step, data).
+"""Atomic, checksummed, sharded checkpoints: safetensors weights + optimizer state + trainer state per rank.
 
-    <dir>/step_00000100/model.safetensors    weights (safe to load anywhere, no pickle)
-                        optimizer.pt         optimizer + LR-scheduler state (loaded with weights_only=True)
-                        trainer.pt           RNG states, step, data-loader position (weights_only=True)
-                        manifest.json        step and sha256 of every file; written last
+    <dir>/step_00000100/model-<shard>.safetensors   this rank's weights (TP/PP shard; no pickle)
+                        optimizer-<shard>.pt        optimizer (ZeRO partition) + LR state, weights_only=True
+                        trainer-<shard>.pt          RNG states, step, data-loader position, weights_only=True
+                        manifest.json               step, shard names and sha256 of every file; written last
 
-A checkpoint is written under a temporary name and renamed into place, so a reader sees a whole one or none.
-`latest_checkpoint` verifies checksums and falls back to the previous checkpoint with a clear message when the
-newest is truncated or corrupt.
+<shard> names the rank's place in the layout (e.g. tp1-pp0-dp0); a single process has one shard. All ranks write
+into one temporary directory; after a barrier rank 0 checksums everything, writes the manifest and renames the
+directory into place, so a reader sees a whole checkpoint or none. `latest_checkpoint` verifies the checksums
+and falls back to the previous checkpoint with a clear message when the newest is truncated or corrupt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -60,6 +62,15 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -67,41 +78,53 @@ def save_checkpoint(
     model: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     trainer: dict[str, Any],
+    shard: str = "rank0",
     keep: int = 2,
 ) -> Path:
-    """Write a checkpoint atomically and delete all but the `keep` newest. Returns its directory.
+    """Write this rank's part of a checkpoint; collective when several ranks exist. Returns its directory.
 
     Args:
         model: flat state dict of tensors (shared storage is cloned: safetensors refuses aliases).
         optimizer: optimizer / LR-scheduler state (tensors, numbers, lists, dicts).
         trainer: RNG states, step, data position (tensors, numbers, strings).
+        shard: this rank's unique name in the layout (file-name safe).
+        keep: complete checkpoints kept (older ones are deleted by rank 0).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / "model.safetensors")
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(trainer, tmp / "trainer.pt")
-        files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.pt", "trainer.pt")}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump({"step": step, "sha256": files}, f, indent=1)
-        for name in (*files, MANIFEST):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
+    tmp = root / f".tmp-{final.name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    files = [f"model-{shard}.safetensors", f"optimizer-{shard}.pt", f"trainer-{shard}.pt"]
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0])
+    torch.save(optimizer, tmp / files[1])
+    torch.save(trainer, tmp / files[2])
+    for name in files:
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    _barrier()
+    if _rank() == 0:
+        try:
+            names = sorted(p.name for p in tmp.iterdir())
+            manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in names}}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -114,8 +137,8 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load one checkpoint, verifying every checksum first. Raises CheckpointError naming the bad file."""
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check every file of a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -127,20 +150,43 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{file}: missing")
         if _sha256(file) != digest:
             raise CheckpointError(f"{file}: sha256 mismatch (corrupt or truncated)")
-    return Checkpoint(
-        step=int(manifest["step"]),
-        model=load_file(path / "model.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        trainer=torch.load(path / "trainer.pt", weights_only=True),
-        path=path,
-    )
+    return manifest
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
-    for path in reversed(list_checkpoints(root)):
-        try:
-            return load_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
-    return None
+def load_checkpoint(path: str | os.PathLike, shard: str = "rank0", *, verify: bool = True,
+                    safe_globals: list | None = None) -> Checkpoint:
+    """Load one rank's shard, verifying the whole checkpoint first. Raises CheckpointError naming a bad file.
+
+    Args:
+        safe_globals: extra classes `torch.load(weights_only=True)` may build (e.g. DeepSpeed's loss scaler).
+    """
+    path = Path(path)
+    manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
+    if f"model-{shard}.safetensors" not in manifest["sha256"]:
+        raise CheckpointError(f"{path}: no shard '{shard}' (saved with another parallel layout?); "
+                              f"files: {', '.join(sorted(manifest['sha256']))}")
+    with torch.serialization.safe_globals(safe_globals or []):
+        optimizer = torch.load(path / f"optimizer-{shard}.pt", weights_only=True)
+        trainer = torch.load(path / f"trainer-{shard}.pt", weights_only=True)
+    return Checkpoint(step=int(manifest["step"]), model=load_file(path / f"model-{shard}.safetensors"),
+                      optimizer=optimizer, trainer=trainer, path=path)
+
+
+def latest_checkpoint(root: str | os.PathLike, shard: str = "rank0", *, safe_globals: list | None = None
+                      ) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped. Collective: rank 0
+    verifies and every rank loads the checkpoint rank 0 chose."""
+    chosen = [None]
+    if _rank() == 0:
+        for path in reversed(list_checkpoints(root)):
+            try:
+                verify_checkpoint(path)
+                chosen = [str(path)]
+                break
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        return None
+    return load_checkpoint(chosen[0], shard, verify=False, safe_globals=safe_globals)

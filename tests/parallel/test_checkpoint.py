@@ -24,16 +24,16 @@ def test_save_load_restores_state(tmp_path):
 def test_keep_prunes_old_checkpoints_and_ignores_partial_writes(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, keep=2)
-    (tmp_path / ".tmp-step_00000005-123").mkdir()  # a writer killed mid-save
+    (tmp_path / ".tmp-step_00000005").mkdir()  # a writer killed mid-save
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
 
 
 def test_flipped_byte_is_detected_and_previous_checkpoint_used(tmp_path):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
-    data = bytearray((newest / "model.safetensors").read_bytes())
+    data = bytearray((newest / "model-rank0.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (newest / "model.safetensors").write_bytes(bytes(data))
+    (newest / "model-rank0.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         load_checkpoint(newest)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
@@ -47,11 +47,11 @@ def test_pickled_code_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"x": Evil()}, path / "trainer.pt")
+    torch.save({"x": Evil()}, path / "trainer-rank0.pt")
     import hashlib, json  # noqa: E401
 
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["sha256"]["trainer.pt"] = hashlib.sha256((path / "trainer.pt").read_bytes()).hexdigest()
+    manifest["sha256"]["trainer-rank0.pt"] = hashlib.sha256((path / "trainer-rank0.pt").read_bytes()).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_checkpoint(path)

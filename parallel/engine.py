@@ -1,0 +1,141 @@
+"""The optimizer step behind one interface: plain AdamW on one process, DeepSpeed (ZeRO 0/1/2) across ranks.
+
+DeepSpeed owns data parallelism (gradient all-reduce or ZeRO reduce-scatter), gradient accumulation, clipping
+and the sharding of optimizer state; megatron's `parallel_state` is its `mpu`, as in Megatron-DeepSpeed, so
+tensor-parallel duplicates are counted once in the global gradient norm.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state with the three methods DeepSpeed asks of an `mpu` that it lacks."""
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+
+class LocalEngine:
+    """Single process: torch AdamW, global-norm clipping, LR schedule stepped once per optimizer step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
+                 grad_accumulation: int):
+        self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
+        self.grad_clip, self.grad_accumulation = grad_clip, grad_accumulation
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
+        (loss / self.grad_accumulation).backward()
+
+    def step(self) -> float:
+        """Clip, update, advance the LR schedule; returns the pre-clipping global gradient norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed engine with ZeRO stage `zero_stage` over megatron's data-parallel group.
+
+    `backward` runs DeepSpeed's backward and step for each micro-batch (DeepSpeed counts micro-steps and updates
+    only at accumulation boundaries, scaling the loss by 1/accumulation itself).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
+                 grad_accumulation: int, micro_batch_size: int, zero_stage: int):
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accumulation,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, mpu=MegatronMPU(),
+            dist_init_required=False,
+        )
+        self.model = model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if hasattr(self.optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: this rank's partition
+            states = [None] * parallel_state.get_data_parallel_world_size()
+            states[parallel_state.get_data_parallel_rank()] = state["optimizer"]
+            self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+
+def safe_checkpoint_globals() -> list[Callable]:
+    """Classes inside DeepSpeed optimizer state that `torch.load(weights_only=True)` must be allowed to build."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        return [LossScaler, DynamicLossScaler]
+    except Exception:
+        return []
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, zero_stage: int,
+                 grad_clip: float, grad_accumulation: int, micro_batch_size: int):
+    """Plain AdamW on one process with zero_stage 0; DeepSpeed otherwise (any data parallelism or ZeRO).
+
+    Args:
+        zero_stage: 0 (replicated optimizer state), 1 (sharded state) or 2 (sharded state and gradients).
+    """
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {zero_stage}")
+    if dist.get_world_size() == 1 and zero_stage == 0:
+        return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
+                           micro_batch_size=micro_batch_size, zero_stage=zero_stage)

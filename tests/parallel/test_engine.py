@@ -1,0 +1,63 @@
+"""Data parallelism and ZeRO (DeepSpeed, megatron parallel_state as mpu) against single-process AdamW."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel import workers
+from tests.spawn import run_ranks
+
+STEPS = ["train.steps=5", "optimizer.lr=1e-2", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5"]
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    worst = 0.0
+    for name, ref in a.items():
+        diff = (b[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-8)
+        worst = max(worst, diff.item())
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """TP=1 x DP=1, plain AdamW, global batch 8."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    return run_ranks(1, workers.train_run, [*STEPS, f"run_dir={run_dir}", "data.micro_batch_size=8"])[0]
+
+
+def test_data_parallel_matches_single_process_loss_trajectory(reference, tmp_path):
+    ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4"])
+    for step, loss in reference["losses"].items():
+        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_matches_single_process_adamw_and_halves_optimizer_state(reference, tmp_path, stage):
+    ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4",
+                                             f"parallel.zero_stage={stage}"])
+    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+    for r in ranks:
+        assert r["adam_state_numel"] == pytest.approx(reference["adam_state_numel"] / 2, rel=0.02)
+
+
+def test_zero_with_megatron_mpu_at_tp2_dp2_matches_tp1_dp1(reference, tmp_path):
+    ranks = run_ranks(4, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4",
+                                             "parallel.zero_stage=1", "parallel.tensor_parallel=2"])
+    for step, loss in reference["losses"].items():
+        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2", "data.micro_batch_size=8"],
+                                    ["parallel.zero_stage=2", "data.micro_batch_size=4"]],
+                         ids=["tp2", "dp2_zero2"])
+def test_sharded_checkpoint_resume_equals_uninterrupted_run(tmp_path, layout):
+    common = [*STEPS, "train.steps=6", *layout]
+    full = run_ranks(2, workers.train_run, [*common, f"run_dir={tmp_path / 'full'}"])
+    first = run_ranks(2, workers.train_run, [*common, f"run_dir={tmp_path / 'split'}", "train.stop_at=3"])
+    assert sorted(first[0]["losses"]) == [1, 2, 3]
+    resumed = run_ranks(2, workers.train_run, [*common, f"run_dir={tmp_path / 'split'}"])
+    assert sorted(resumed[0]["losses"]) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[0]["losses"][step] == pytest.approx(full[0]["losses"][step], rel=1e-6), step

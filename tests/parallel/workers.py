@@ -1,0 +1,95 @@
+"""Functions run on every rank by tests/spawn.py (importable, so the spawn start method finds them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SMALL = [
+    "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.scheduler_head_size=16",
+    "data.seq_len=16", "data.source=committed", "data.tokenizer=byte", "logging.wandb=false",
+    "logging.progress=false", "train.eval_batches=1", "train.eval_every=0", "sampling.num_samples=0",
+    "objective.schedule.block_size=4",
+]
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """Gather a tensor-parallel shard into the full tensor (replicated tensors are returned as they are)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return param.detach().clone()
+    parts = [torch.empty_like(param) for _ in range(tp)]
+    dist.all_gather(parts, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def nelbo_gradients(rank: int, objectives: list[str], tensor_parallel: int) -> dict:
+    """{objective: loss and full gradients of one training estimate on a fixed batch with fixed noise}."""
+    return {objective: _nelbo_gradients(objective, tensor_parallel) for objective in objectives}
+
+
+def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
+    from mdm_scale.config import load_config
+    from mdm_scale.objective import training_nelbo
+    from mdm_scale.train import build_model
+    from parallel.distributed import init_distributed
+
+    dims = init_distributed(tensor_parallel=tensor_parallel, device="cpu", seed=0)
+    cfg = load_config("tiny", [*SMALL, f"objective={objective}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 97, dims)
+    with torch.no_grad():  # move zero-initialised heads and logits off zero so every gradient is exercised
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "scheduler_heads" in name or "position_logits" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x0 = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(2))
+    terms = training_nelbo(model["denoiser"], model["schedule"], x0, cfg.objective, torch.Generator().manual_seed(3))
+    terms.loss.backward()
+    grads = {n: full_tensor(p.grad) if p.grad is not None else None for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():  # full_tensor reads the sharding attributes from the parameter
+        if p.grad is not None and getattr(p, "tensor_model_parallel", False):
+            p.grad.tensor_model_parallel, p.grad.partition_dim = True, p.partition_dim
+            grads[n] = full_tensor(p.grad)
+    return {"loss": terms.loss.item(), "nelbo": terms.nelbo.item(), "grads": grads}
+
+
+def train_run(rank: int, overrides: list[str]) -> dict:
+    """train() with SMALL + overrides; returns losses, the full final parameters (from the checkpoint this rank
+    wrote) and the number of optimizer-state elements this rank holds (Adam moments, ZeRO partitions)."""
+    from megatron.core import parallel_state
+
+    from mdm_scale.config import load_config
+    from mdm_scale.train import build_model, train
+    from parallel.checkpoint import load_checkpoint
+    from parallel.distributed import init_distributed
+    from parallel.engine import safe_checkpoint_globals
+
+    cfg = load_config("tiny", [*SMALL, *overrides])
+    result = train(cfg)
+    dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel, device="cpu", seed=0)
+    shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-pp0-"
+             f"dp{parallel_state.get_data_parallel_rank()}")
+    ckpt = load_checkpoint(result.checkpoint, shard, safe_globals=safe_checkpoint_globals())
+    model = build_model(cfg, 257, dims)
+    model.load_state_dict(ckpt.model)
+    optimizer = ckpt.optimizer["optimizer"]
+    base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
+    return {
+        "losses": result.losses,
+        "params": {n: full_tensor(p) for n, p in model.named_parameters()},
+        "adam_state_numel": _numel(base.get("state", {})),
+        "checkpoint": result.checkpoint,
+    }
+
+
+def _numel(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, dict):
+        return sum(_numel(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_numel(v) for v in obj)
+    return 0
