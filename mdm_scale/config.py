@@ -37,6 +37,8 @@ class ModelConfig:
     """MLP width; None means 4 x hidden_size."""
     dropout: float = 0.0
     """Hidden and attention dropout (MDLM small uses 0.1)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head (the mask row and padding never get probability)."""
     time_conditioning: bool = False
     """Add an embedding of t to every position (MDLM's default model is not time-conditioned)."""
     scheduler_head_size: int = 64

@@ -110,8 +110,11 @@ class Denoiser(MegatronModule):
         if cfg.transformer_engine == "on" and not use_te:
             raise RuntimeError("model.transformer_engine=on but Transformer Engine is not usable here (needs GPU)")
         self.vocab_size, self.mask_id, self.max_seq_len = vocab_size, vocab_size, max_seq_len
+        # One padded table for input (real tokens + mask) and output; the output's mask and padding columns
+        # get PAD_LOGIT, so the two can share weights.
+        padded_vocab = padded_size(vocab_size + 1, tensor_parallel_size)
         self.embedding = LanguageModelEmbedding(
-            config, vocab_size=padded_size(vocab_size + 1, tensor_parallel_size),
+            config, vocab_size=padded_vocab,
             max_sequence_length=max_seq_len, position_embedding_type="rope",
         )
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -119,9 +122,11 @@ class Denoiser(MegatronModule):
         self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
         self.decoder = TransformerBlock(config, denoiser_layer_spec(use_transformer_engine=use_te, causal=causal))
         self.output_layer = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, padded_size(vocab_size, tensor_parallel_size), config=config,
+            cfg.hidden_size, padded_vocab, config=config,
             init_method=config.init_method, bias=False, gather_output=False,
+            skip_weight_param_allocation=cfg.tie_embeddings,
         )
+        self.tie_embeddings = cfg.tie_embeddings
         self.scheduler_heads = nn.ModuleDict(
             {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
         )
@@ -157,7 +162,8 @@ class Denoiser(MegatronModule):
         """[n, h] features (e.g. only the masked positions: the loss needs no others) -> [n, v_shard] logits over
         this TP rank's slice of the padded real vocabulary. The mask id is not a column (SUBS); padded columns
         get PAD_LOGIT so they never carry probability."""
-        logits, _ = self.output_layer(hidden[:, None, :])  # [n, 1, v_shard] (megatron's linear wants 3-D)
+        weight = self.embedding.word_embeddings.weight if self.tie_embeddings else None
+        logits, _ = self.output_layer(hidden[:, None, :], weight=weight)  # [n, 1, v_shard] (megatron wants 3-D)
         logits = logits[:, 0, :]
         lo, hi = self._vocab_slice(logits.shape[-1])
         if hi > self.vocab_size:

@@ -119,10 +119,11 @@ def safe_checkpoint_globals() -> list[Callable]:
     """Classes inside DeepSpeed optimizer state that `torch.load(weights_only=True)` must be allowed to build."""
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        return [LossScaler, DynamicLossScaler]
-    except Exception:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except Exception:  # DeepSpeed not importable: its classes cannot be in a checkpoint we wrote
         return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, zero_stage: int,
