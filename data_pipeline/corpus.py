@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline import books
 from data_pipeline.array_cache import load_arrays, save_arrays
 from data_pipeline.tokenizer import Tokenizer
 
-SOURCES = ("wikipedia", "committed")
+SOURCES = ("wikipedia", "books", "mixture", "committed")
+"""mixture = wikipedia + books (King James Bible chapters, Shakespeare), the default corpus of `tiny`."""
 GENSIM_WHEEL_GLOB = "gensim-4.4.0-*.whl"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 COMMITTED_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain_sample.txt"
@@ -163,10 +165,14 @@ def committed_documents(path: Path | None = None) -> list[str]:
 
 def load_documents(source: str) -> list[str]:
     """Args:
-    source: "wikipedia" or "committed".
+    source: one of SOURCES.
     """
     if source == "wikipedia":
         return wikipedia_documents()
+    if source == "books":
+        return books.kjv_documents() + books.shakespeare_documents()
+    if source == "mixture":
+        return load_documents("wikipedia") + load_documents("books")
     if source == "committed":
         return committed_documents()
     raise ValueError(f"unknown corpus source {source!r}; valid sources: {list(SOURCES)}")
@@ -195,6 +201,10 @@ def _source_signature(source: str) -> str:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(WIKI_MEMBER)
         return f"{wheel.name}:{info.CRC:08x}:{info.file_size}"
+    if source == "books":
+        return ":".join(f"{p.name}:{p.stat().st_size}" for p in map(books.find_archive, books.ARCHIVES))
+    if source == "mixture":
+        return _source_signature("wikipedia") + "|" + _source_signature("books")
     raise ValueError(f"unknown corpus source {source!r}; valid sources: {list(SOURCES)}")
 
 

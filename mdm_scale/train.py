@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,12 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule}).to(dims.device)
 
 
+def _eval_batches(heldout_tokens, cfg: RunConfig) -> list[torch.Tensor]:
+    """A fixed random sample of held-out windows (seed 0), spread over every source of the held-out split."""
+    heldout = PackedBatches(heldout_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0, shuffle=True)
+    return list(itertools.islice(heldout, min(cfg.train.eval_batches, heldout.batches_per_epoch)))
+
+
 def _trainer_state(step, generator, batches) -> dict:
     return {
         "step": step,
@@ -98,8 +105,7 @@ def train(cfg: RunConfig) -> TrainResult:
     train_tokens, heldout_tokens = build_token_corpus(cfg.data.source, tokenizer, Path(cfg.data.cache_dir).expanduser())
     batches = PackedBatches(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=cfg.train.seed,
                             rank=dp_rank, world_size=dp_size)
-    eval_batches = list(PackedBatches(heldout_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0,
-                                      shuffle=False))[: cfg.train.eval_batches]
+    eval_batches = _eval_batches(heldout_tokens, cfg)
 
     # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.
     torch.manual_seed(cfg.train.seed)

