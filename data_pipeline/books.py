@@ -43,7 +43,9 @@ def kjv_documents() -> list[str]:
 
 
 def shakespeare_documents() -> list[str]:
-    """Shakespeare's works from Project Gutenberg transcriptions, one document per work (~2 M GPT-2 tokens)."""
+    """The modern-spelling Gutenberg texts of the `shakespeare` package (the plays and poems, plus Milton's
+    Areopagitica), one document per work (~2 M GPT-2 tokens); its First Folio duplicates (`*_gut_f.txt`) are
+    skipped."""
     documents = []
     with tarfile.open(find_archive("shakespeare")) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):

@@ -99,13 +99,21 @@ class Denoiser(MegatronModule):
         max_seq_len: longest sequence (rotary tables are built on the fly, this only bounds inputs).
         scheduler_heads: names of per-position heads to build ("forward_scheduler", "backward_scheduler" for LoMDM).
         tensor_parallel_size: TP size (to pad the vocabulary evenly).
+        pipeline_parallel_size: PP size; with PP > 1 each stage builds its share of the blocks, the first
+            stage the embedding and the last stage the final norm, output head and scheduler heads.
         on_gpu: enable fused kernels / Transformer Engine where available.
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
-                 tensor_parallel_size: int = 1, on_gpu: bool = False, causal: bool = False):
-        config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size, on_gpu=on_gpu)
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, on_gpu: bool = False,
+                 causal: bool = False):
+        config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
+                                    pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu)
         super().__init__(config=config)
+        self.pre_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_first_stage()
+        self.post_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_last_stage()
+        if pipeline_parallel_size > 1 and cfg.tie_embeddings:
+            raise ValueError("model.tie_embeddings is not supported with pipeline parallelism yet")
         use_te = on_gpu and cfg.transformer_engine != "off" and transformer_engine_available()
         if cfg.transformer_engine == "on" and not use_te:
             raise RuntimeError("model.transformer_engine=on but Transformer Engine is not usable here (needs GPU)")
@@ -113,31 +121,41 @@ class Denoiser(MegatronModule):
         # One padded table for input (real tokens + mask) and output; the output's mask and padding columns
         # get PAD_LOGIT, so the two can share weights.
         padded_vocab = padded_size(vocab_size + 1, tensor_parallel_size)
-        self.embedding = LanguageModelEmbedding(
-            config, vocab_size=padded_vocab,
-            max_sequence_length=max_seq_len, position_embedding_type="rope",
-        )
+        self.embedding = self.time_embedding = None
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size=padded_vocab, max_sequence_length=max_seq_len, position_embedding_type="rope",
+            )
+            self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                       use_cpu_initialization=True)
-        self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
-        self.decoder = TransformerBlock(config, denoiser_layer_spec(use_transformer_engine=use_te, causal=causal))
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, padded_vocab, config=config,
-            init_method=config.init_method, bias=False, gather_output=False,
-            skip_weight_param_allocation=cfg.tie_embeddings,
-        )
+        self.decoder = TransformerBlock(config, denoiser_layer_spec(use_transformer_engine=use_te, causal=causal),
+                                        pre_process=self.pre_process, post_process=self.post_process)
         self.tie_embeddings = cfg.tie_embeddings
-        self.scheduler_heads = nn.ModuleDict(
-            {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
-        )
+        self.output_layer = None
+        self.scheduler_heads = nn.ModuleDict()
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size, padded_vocab, config=config,
+                init_method=config.init_method, bias=False, gather_output=False,
+                skip_weight_param_allocation=cfg.tie_embeddings,
+            )
+            self.scheduler_heads.update(
+                {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
+            )
         self.causal = causal
 
     def _vocab_slice(self, shard_width: int) -> tuple[int, int]:
         rank = parallel_state.get_tensor_model_parallel_rank() if self.config.tensor_model_parallel_size > 1 else 0
         return rank * shard_width, (rank + 1) * shard_width
 
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive their input from the previous stage (megatron's schedules)."""
+        self.decoder.set_input_tensor(input_tensor[0] if isinstance(input_tensor, list) else input_tensor)
+
     def forward(self, tokens: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        """Final-norm features [b, l, h] of z_t (the output head and the scheduler heads read these).
+        """Final-norm features [b, l, h] of z_t (the output head and the scheduler heads read these); on a
+        pipeline stage that is not the last, its output activations [l, b, h] for the next stage.
 
         Args:
         tokens: [b, l] ids in [0, vocab_size] (vocab_size = mask).
@@ -147,16 +165,18 @@ class Denoiser(MegatronModule):
         b, l = tokens.shape
         if l > self.max_seq_len:
             raise ValueError(f"sequence length {l} exceeds the model's max_seq_len {self.max_seq_len}")
-        positions = torch.arange(l, device=tokens.device)[None, :].expand(b, -1)
-        hidden = self.embedding(input_ids=tokens, position_ids=positions)  # [l, b, h]
-        if self.time_embedding is not None:
-            if t is None:
-                raise ValueError("a time-conditioned denoiser needs t")
-            hidden = hidden + self.time_embedding(t)[None, :, :].to(hidden.dtype)
+        hidden = None  # later pipeline stages take theirs from set_input_tensor
+        if self.pre_process:
+            positions = torch.arange(l, device=tokens.device)[None, :].expand(b, -1)
+            hidden = self.embedding(input_ids=tokens, position_ids=positions)  # [l, b, h]
+            if self.time_embedding is not None:
+                if t is None:
+                    raise ValueError("a time-conditioned denoiser needs t")
+                hidden = hidden + self.time_embedding(t)[None, :, :].to(hidden.dtype)
         if attention_mask is None and not self.causal:
             attention_mask = torch.zeros(b, 1, l, l, dtype=torch.bool, device=tokens.device)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=self.rotary(l))  # [l, b, h]
-        return hidden.transpose(0, 1)
+        return hidden.transpose(0, 1) if self.post_process else hidden
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """[n, h] features (e.g. only the masked positions: the loss needs no others) -> [n, v_shard] logits over

@@ -7,15 +7,14 @@ import pytest
 from tests.parallel import workers
 from tests.spawn import run_ranks
 
-STEPS = ["train.steps=5", "optimizer.lr=1e-2", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5"]
+STEPS = ["train.steps=5", "optimizer.lr=1e-3", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5"]
 
 
-def _max_rel_diff(a: dict, b: dict) -> float:
-    worst = 0.0
-    for name, ref in a.items():
-        diff = (b[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-8)
-        worst = max(worst, diff.item())
-    return worst
+def _max_abs_diff(a: dict, b: dict) -> float:
+    """Largest parameter difference. Absolute, not relative: Adam turns the round-off of (near-)zero gradient
+    components (e.g. the K bias under softmax shift invariance) into updates of about +-lr, so elementwise
+    relative checks fail on those entries while every other entry agrees to ~1e-7 (../shared/docs/STACK.md)."""
+    return max((b[name] - ref).abs().max().item() for name, ref in a.items())
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,14 @@ def test_data_parallel_matches_single_process_loss_trajectory(reference, tmp_pat
     ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4"])
     for step, loss in reference["losses"].items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
-    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+    assert _max_abs_diff(reference["params"], ranks[0]["params"]) < 1e-5
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_matches_single_process_adamw_and_halves_optimizer_state(reference, tmp_path, stage):
     ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4",
                                              f"parallel.zero_stage={stage}"])
-    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+    assert _max_abs_diff(reference["params"], ranks[0]["params"]) < 1e-5
     for r in ranks:
         assert r["adam_state_numel"] == pytest.approx(reference["adam_state_numel"] / 2, rel=0.02)
 
@@ -46,7 +45,7 @@ def test_zero_with_megatron_mpu_at_tp2_dp2_matches_tp1_dp1(reference, tmp_path):
                                              "parallel.zero_stage=1", "parallel.tensor_parallel=2"])
     for step, loss in reference["losses"].items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
-    assert _max_rel_diff(reference["params"], ranks[0]["params"]) < 1e-4
+    assert _max_abs_diff(reference["params"], ranks[0]["params"]) < 1e-5
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2", "data.micro_batch_size=8"],
