@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
@@ -57,6 +58,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1, pipel
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_sync=on_gpu,
+        pipeline_dtype=torch.float32,  # activations sent between stages (autocast keeps parameters fp32)
     )
 
 
@@ -110,6 +112,7 @@ class Denoiser(MegatronModule):
         config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu)
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_first_stage()
         self.post_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_last_stage()
         if pipeline_parallel_size > 1 and cfg.tie_embeddings:

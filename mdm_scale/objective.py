@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, token_nll
-from mdm_scale.schedules import Schedule
+from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.time_sampling import sample_times
 
@@ -60,59 +60,56 @@ def draw_noise(
     return t.to(device), t_weight.to(device), uniforms.to(device)
 
 
-def nelbo(
-    denoiser: Denoiser,
-    schedule: Schedule,
-    x0: Tensor,
-    t: Tensor,
-    t_weight: Tensor,
-    uniforms: Tensor,
-    *,
-    velocity_weight: float = 1.0,
-    score_function: bool = True,
-    reduce_group=None,
-) -> NelboTerms:
-    """Single-sample NELBO estimate at the given noise.
+@dataclass
+class NoisedBatch:
+    """A batch after the forward process at its times: what the denoiser sees and what weights its loss."""
 
-    Args:
-        x0: [b, l] clean token ids.
-        t: [b] float64 times; t_weight: [b] importance weights of those times.
-        uniforms: [b, l] float64 in [0, 1): position i is masked iff uniforms < 1 - alpha_i(t).
-        velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
-        score_function: add the RLOO score-function surrogate for learned schedules.
-        reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
-    """
-    b, l = x0.shape
-    # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
-    forward_logits = None
-    if schedule.needs_clean_features:
-        with torch.no_grad():
-            clean_hidden = denoiser(x0, torch.zeros_like(t))
-        forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
+    x0: Tensor
+    t: Tensor
+    t_weight: Tensor
+    masking: Masking
+    masked: Tensor
+    """[b, l] bool: z_t^i = m."""
+    z_t: Tensor
 
-    # 2. Mask: z_t^i = m iff u_i < 1 - alpha_i(t).
-    masking = schedule.masking(t, l, forward_logits)
+
+def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t_weight: Tensor, uniforms: Tensor,
+                forward_logits: Tensor | None = None) -> NoisedBatch:
+    """Mask x0 at times t: z_t^i = m iff u_i < 1 - alpha_i(t). `forward_logits` are LoMDM's forward-scheduler
+    logits (their gradients reach phi through the weights and log-probabilities of `masking`)."""
+    masking = schedule.masking(t, x0.shape[1], forward_logits)
     masked = uniforms < masking.mask_prob  # [b, l]
     z_t = torch.where(masked, torch.full_like(x0, denoiser.mask_id), x0)
+    return NoisedBatch(x0, t, t_weight, masking, masked, z_t)
 
-    # 3. Denoise: one pass over z_t; SUBS (unmasked positions copy their input) = no loss there.
-    hidden = denoiser(z_t, t.float())  # [b, l, h]
+
+def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBatch, hidden: Tensor, *,
+                        velocity_weight: float = 1.0, score_function: bool = True, reduce_group=None) -> NelboTerms:
+    """The weighted loss from the denoiser's features of z_t (the last pipeline stage's job).
+
+    Args:
+        hidden: [b, l, h] final-norm features of noised.z_t.
+        velocity_weight, score_function, reduce_group: as in `nelbo`.
+    """
+    x0, t, masking, masked = noised.x0, noised.t, noised.masking, noised.masked
+    b, l = x0.shape
+    # SUBS: unmasked positions copy their input, so only masked positions need logits.
     nll = torch.zeros(b, l, dtype=torch.float32, device=x0.device)
     nll[masked] = masked_token_nll(denoiser, hidden[masked], x0[masked])
 
-    # 4. Weight: A_i(t) at masked positions, times the importance weight of t.
-    weight = (masking.weight * t_weight[:, None]).to(nll.dtype) * masked  # [b, l]
+    # Weight: A_i(t) at masked positions, times the importance weight of t.
+    weight = (masking.weight * noised.t_weight[:, None]).to(nll.dtype) * masked  # [b, l]
     reconstruction = (weight * nll).sum(-1)  # [b]
     velocity = torch.zeros_like(reconstruction)
     if isinstance(schedule, StateDependentSchedule):
         w = masking.exponents  # [b, l]
         w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
         # A = w / t and A_hat = w_hat / t share the 1/t factor, which becomes part of the weight.
-        inv_t = (t_weight / t)[:, None].to(nll.dtype)
+        inv_t = (noised.t_weight / t)[:, None].to(nll.dtype)
         velocity = (masked * inv_t * velocity_matching(w.to(nll.dtype), w_hat)).sum(-1)
     per_sequence = reconstruction + velocity_weight * velocity  # [b]
 
-    # 5. Normalise per token (MDLM: over all tokens, masked or not).
+    # Normalise per token (MDLM: over all tokens, masked or not).
     num_tokens = b * l
     value = per_sequence.sum() / num_tokens
     loss = value
@@ -135,6 +132,43 @@ def nelbo(
         velocity=velocity.detach().sum() / num_tokens,
         masked_fraction=masked.float().mean(),
     )
+
+
+def nelbo(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    x0: Tensor,
+    t: Tensor,
+    t_weight: Tensor,
+    uniforms: Tensor,
+    *,
+    velocity_weight: float = 1.0,
+    score_function: bool = True,
+    reduce_group=None,
+) -> NelboTerms:
+    """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
+
+    Args:
+        x0: [b, l] clean token ids.
+        t: [b] float64 times; t_weight: [b] importance weights of those times.
+        uniforms: [b, l] float64 in [0, 1): position i is masked iff uniforms < 1 - alpha_i(t).
+        velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
+        score_function: add the RLOO score-function surrogate for learned schedules.
+        reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
+    """
+    # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
+    forward_logits = None
+    if schedule.needs_clean_features:
+        with torch.no_grad():
+            clean_hidden = denoiser(x0, torch.zeros_like(t))
+        forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
+    # 2. Mask.
+    noised = apply_noise(denoiser, schedule, x0, t, t_weight, uniforms, forward_logits)
+    # 3. Denoise: one pass over z_t.
+    hidden = denoiser(noised.z_t, t.float())  # [b, l, h]
+    # 4.-5. Weight and normalise.
+    return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
+                               score_function=score_function, reduce_group=reduce_group)
 
 
 def training_nelbo(

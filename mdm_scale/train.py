@@ -55,7 +55,8 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
     denoiser = Denoiser(
         cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
-        tensor_parallel_size=dims.tensor_parallel, on_gpu=dims.device.type == "cuda",
+        tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=dims.pipeline_parallel,
+        on_gpu=dims.device.type == "cuda",
     )
     return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule}).to(dims.device)
 

@@ -41,4 +41,21 @@ def apply() -> None:
 
     transformer_utils.get_default_causal_mask = causal_mask
     fused_softmax.get_default_causal_mask = causal_mask
+
+    # 4. Pipeline schedules create their token counter with device="cuda": give that module a torch whose
+    #    factories map "cuda" to the CPU (p2p's torch.cuda.synchronize is off: batch_p2p_sync=False on CPU).
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuDeviceTorch()
     _applied = True
+
+
+class _CpuDeviceTorch:
+    """`torch` as seen by megatron's pipeline schedules on CPU: tensor factories asked for "cuda" get the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)

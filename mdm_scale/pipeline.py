@@ -1,0 +1,107 @@
+"""The NELBO step under megatron-core's pipeline schedules (1F1B with PP > 1, plain accumulation with PP = 1).
+
+Every stage draws the noise of every micro-batch from the same generator, so the first stage can build z_t and
+the last stage can weight the loss without shipping masks along the pipeline. LoMDM needs the forward
+scheduler's exponents (a head on the *last* stage, reading clean-x features) to mask on the *first* stage:
+
+    pass 1  clean x through the pipeline, forward only; the last stage keeps the features and broadcasts the
+            head's logits (values) to every stage of its pipeline group
+    pass 2  z_t through the pipeline with 1F1B; the last stage recomputes the logits from the kept features
+            with gradients (phi), the backward head reads pass 2's features (psi)
+
+as in objective.py, where both passes run on one stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from mdm_scale.config import ObjectiveConfig
+from mdm_scale.denoiser import Denoiser
+from mdm_scale.objective import apply_noise, draw_noise, nelbo_from_features
+from mdm_scale.schedules import Schedule
+
+
+def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def pipeline_nelbo(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    micro_batches: list[Tensor],
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+    *,
+    forward_only: bool = False,
+) -> list[float]:
+    """Forward (and backward unless `forward_only`) of the NELBO over `micro_batches` through the pipeline.
+
+    Gradients accumulate in the parameters of this stage, averaged over micro-batches. Returns the per-token
+    NELBO of each micro-batch on the last stage (empty elsewhere).
+
+    Args:
+        micro_batches: [b, l] clean token ids, the same list on every stage.
+        generator: the training noise generator; advanced identically on every stage.
+    """
+    b, l = micro_batches[0].shape
+    device = micro_batches[0].device
+    noise = [draw_noise(b, l, cfg, generator, device) for _ in micro_batches]
+    run = get_forward_backward_func()
+    last_stage = denoiser.post_process
+
+    # Pass 1 (LoMDM): forward-scheduler logits of the clean sequences, known on every stage.
+    clean_features: list[Tensor | None] = [None] * len(micro_batches)
+    forward_logits: list[Tensor | None] = [None] * len(micro_batches)
+    if schedule.needs_clean_features:
+
+        def clean_step(data_iterator, model):
+            i = next(data_iterator)
+            out = model(micro_batches[i], torch.zeros(b, device=device))
+
+            def keep(hidden):
+                clean_features[i] = hidden.detach()
+                return hidden.sum() * 0, {}
+
+            return out, keep
+
+        with torch.no_grad():
+            run(forward_step_func=clean_step, data_iterator=iter(range(len(micro_batches))), model=[denoiser],
+                num_microbatches=len(micro_batches), seq_length=l, micro_batch_size=b, forward_only=True)
+        for i in range(len(micro_batches)):
+            logits = (denoiser.scheduler_logits("forward_scheduler", clean_features[i]).detach() if last_stage
+                      else torch.empty(b, l, device=device))
+            forward_logits[i] = _broadcast_from_last_stage(logits)
+
+    # Pass 2: z_t through the pipeline; the loss on the last stage.
+    losses: list[float] = []
+
+    def train_step(data_iterator, model):
+        i = next(data_iterator)
+        t, t_weight, uniforms = noise[i]
+        noised = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, forward_logits[i])
+        out = model(noised.z_t, t.float())
+
+        def loss(hidden):
+            logits = None
+            if schedule.needs_clean_features:  # recompute with gradients for phi, same values
+                logits = denoiser.scheduler_logits("forward_scheduler", clean_features[i])
+            with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits)
+            terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
+                                        score_function=cfg.score_function)
+            losses.append(terms.nelbo.item())
+            return terms.loss, {"nelbo": terms.nelbo}
+
+        return out, loss
+
+    run(forward_step_func=train_step, data_iterator=iter(range(len(micro_batches))), model=[denoiser],
+        num_microbatches=len(micro_batches), seq_length=l, micro_batch_size=b, forward_only=forward_only)
+    return losses
