@@ -1,6 +1,7 @@
-"""Run mdm_scale on this machine (CPU or one GPU):
+"""Run mdm_scale on this machine (CPU or GPUs):
 
     python launchers/local.py config=tiny [objective=lomdm] [key=value ...]
+    torchrun --nproc-per-node 2 launchers/local.py config=tiny parallel.tensor_parallel=2
 
 Only parses, builds, trains and closes; the loop lives in mdm_scale/train.py.
 """
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
     from mdm_scale.train import train
 
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     if result.evals:
         first, last = result.evals[min(result.evals)], result.evals[max(result.evals)]
         print(f"eval NELBO {first:.3f} -> {last:.3f} ({100 * (first - last) / first:.1f}% lower)")

@@ -26,6 +26,7 @@ from mdm_scale.objective import training_nelbo
 from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
 from parallel.checkpoint import latest_checkpoint, save_checkpoint
+from parallel.consolidate import model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed
 from parallel.engine import build_engine, safe_checkpoint_globals
 
@@ -123,8 +124,9 @@ def train(cfg: RunConfig) -> TrainResult:
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     step = 0
     ckpt_dir = run_dir / "checkpoints"
+    layout = model_layout(model)  # checkpoints use layout-independent (global) tensor names
     if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals())):
-        model.load_state_dict(ckpt.model)
+        model.load_state_dict(to_local(ckpt.model, layout))
         engine.load_optimizer_state(ckpt.optimizer)
         _restore_trainer_state(ckpt.trainer, generator, batches)
         step = ckpt.step
@@ -146,10 +148,9 @@ def train(cfg: RunConfig) -> TrainResult:
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
 
     def checkpoint() -> None:
-        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        path = save_checkpoint(ckpt_dir, step, model=state, optimizer=engine.optimizer_state(),
-                               trainer=_trainer_state(step, generator, batches), shard=shard,
-                               keep=cfg.checkpoint.keep)
+        path = save_checkpoint(ckpt_dir, step, model=to_global(model.state_dict(), layout),
+                               optimizer=engine.optimizer_state(), trainer=_trainer_state(step, generator, batches),
+                               shard=shard, keep=cfg.checkpoint.keep, metadata=partition_dims(layout))
         result.checkpoint = str(path)
 
     if step == 0:

@@ -80,6 +80,7 @@ def save_checkpoint(
     trainer: dict[str, Any],
     shard: str = "rank0",
     keep: int = 2,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write this rank's part of a checkpoint; collective when several ranks exist. Returns its directory.
 
@@ -89,6 +90,7 @@ def save_checkpoint(
         trainer: RNG states, step, data position (tensors, numbers, strings).
         shard: this rank's unique name in the layout (file-name safe).
         keep: complete checkpoints kept (older ones are deleted by rank 0).
+        metadata: strings stored in the safetensors header (e.g. TP partition dims, see consolidate.py).
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -99,7 +101,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     files = [f"model-{shard}.safetensors", f"optimizer-{shard}.pt", f"trainer-{shard}.pt"]
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0])
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0], metadata=metadata)
     torch.save(optimizer, tmp / files[1])
     torch.save(trainer, tmp / files[2])
     for name in files:

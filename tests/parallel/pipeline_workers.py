@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from tests.parallel.workers import SMALL
 
 PP_MODEL = [*SMALL, "model.num_layers=4", "model.tie_embeddings=false"]
-
-
-def _global_name(name: str, denoiser) -> str:
-    """decoder.layers.<local> -> decoder.layers.<global> (megatron numbers a stage's layers from 0)."""
-    match = re.search(r"decoder\.layers\.(\d+)\.", name)
-    if not match:
-        return name
-    number = denoiser.decoder.layers[int(match.group(1))].layer_number - 1
-    return name[: match.start(1)] + str(number) + name[match.end(1):]
 
 
 def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int, reference: dict | None) -> dict:
@@ -26,6 +15,7 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
     from mdm_scale.config import load_config
     from mdm_scale.pipeline import pipeline_nelbo
     from mdm_scale.train import build_model
+    from parallel.consolidate import model_layout
     from parallel.distributed import init_distributed
 
     dims = init_distributed(pipeline_parallel=pipeline_parallel, device="cpu", seed=0)
@@ -35,7 +25,7 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
         torch.manual_seed(0)
         model = build_model(cfg, 97, dims)
         denoiser, schedule = model["denoiser"], model["schedule"]
-        names = {n: _global_name(n, denoiser) for n, _ in model.named_parameters()}
+        names = {n: place.global_name for n, place in model_layout(model).items()}
         with torch.no_grad():
             if reference is None:  # move zero-initialised heads and logits off zero
                 g = torch.Generator().manual_seed(1)

@@ -64,6 +64,7 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     from mdm_scale.config import load_config
     from mdm_scale.train import build_model, train
     from parallel.checkpoint import load_checkpoint
+    from parallel.consolidate import model_layout, to_local
     from parallel.distributed import init_distributed
     from parallel.engine import safe_checkpoint_globals
 
@@ -74,12 +75,13 @@ def train_run(rank: int, overrides: list[str]) -> dict:
              f"dp{parallel_state.get_data_parallel_rank()}")
     ckpt = load_checkpoint(result.checkpoint, shard, safe_globals=safe_checkpoint_globals())
     model = build_model(cfg, 257, dims)
-    model.load_state_dict(ckpt.model)
+    model.load_state_dict(to_local(ckpt.model, model_layout(model)))
     optimizer = ckpt.optimizer["optimizer"]
     base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
     return {
         "losses": result.losses,
         "params": {n: full_tensor(p) for n, p in model.named_parameters()},
+        "shard_shapes": {n: p.shape for n, p in model.named_parameters()},
         "adam_state_numel": _numel(base.get("state", {})),
         "checkpoint": result.checkpoint,
     }
