@@ -88,8 +88,11 @@ class OptimizerConfig:
     lr: float = 3e-4
     """Peak learning rate of AdamW."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (MDLM: 0.9, 0.999)."""
     weight_decay: float = 0.0
+    """Decoupled weight decay (MDLM: 0)."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     warmup_steps: int = 100
     """Linear warm-up from 0 to lr."""
     min_lr_ratio: float = 0.1
@@ -118,7 +121,9 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
+    """Tensor-parallel size (heads, MLP and vocabulary split across this many ranks)."""
     pipeline_parallel: int = 1
+    """Pipeline-parallel size (blocks split into stages)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage for the optimizer state (0 = plain optimizer)."""
 
@@ -128,7 +133,9 @@ class LoggingConfig:
     wandb: bool = True
     """Log to wandb; offline unless wandb_mode says otherwise."""
     wandb_mode: str = "offline"
+    """offline (default: nothing leaves the machine; `wandb sync` later) | online | disabled."""
     wandb_project: str = "mdm_scale"
+    """wandb project name."""
     log_every: int = 10
     """Steps between metric lines / wandb points."""
     progress: bool = True
@@ -152,7 +159,9 @@ class SamplingConfig:
     nfe: int = 64
     """Denoiser calls (time steps) per sample."""
     seq_len: int = 64
+    """Length of generated sequences (at most data.seq_len)."""
     temperature: float = 1.0
+    """Softmax temperature of the token draws."""
 
 
 @dataclass
@@ -164,9 +173,11 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between evaluations of the held-out NELBO (also run at step 0 and at the end)."""
     eval_batches: int = 4
+    """Held-out batches per evaluation (a fixed random sample of the held-out split)."""
     eval_time_samples: int = 2
     """Antithetic time samples per held-out batch."""
     seed: int = 0
+    """Seeds initialisation, data order and the noise generator."""
     device: str = "auto"
     """auto | cpu | cuda."""
     precision: str = "auto"
@@ -176,6 +187,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     name: str = "tiny"
+    """Run name (progress bar, wandb, default run directory)."""
     run_dir: str = "runs/${name}"
     """Checkpoints, resolved config and logs go here."""
     model: ModelConfig = field(default_factory=ModelConfig)

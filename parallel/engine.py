@@ -32,7 +32,32 @@ class MegatronMPU:
         return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
 
 
-class LocalEngine:
+class Engine:
+    """What the loop needs of an optimizer engine: backward per micro-batch, step per optimizer step, state."""
+
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Finish the optimizer step; returns the global gradient norm before clipping."""
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        return self.lr_schedule.get_last_lr()[0]
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+
+class LocalEngine(Engine):
     """Single process: torch AdamW, global-norm clipping, LR schedule stepped once per optimizer step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
@@ -52,19 +77,8 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    @property
-    def lr(self) -> float:
-        return self.lr_schedule.get_last_lr()[0]
 
-    def optimizer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """DeepSpeed engine with ZeRO stage `zero_stage` over megatron's data-parallel group.
 
     `backward` runs DeepSpeed's backward and step for each micro-batch (DeepSpeed counts micro-steps and updates
@@ -98,21 +112,14 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    @property
-    def lr(self) -> float:
-        return self.lr_schedule.get_last_lr()[0]
-
-    def optimizer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
-
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         if hasattr(self.optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: this rank's partition
             states = [None] * parallel_state.get_data_parallel_world_size()
             states[parallel_state.get_data_parallel_rank()] = state["optimizer"]
             self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+            super().load_optimizer_state(state)
 
 
 def safe_checkpoint_globals() -> list[Callable]:

@@ -43,3 +43,9 @@ def test_resume_equals_uninterrupted_run(dims, tmp_path, objective):
     resumed = train(_cfg(tmp_path, "split", *common))
     assert sorted(resumed.losses) == [4, 5, 6]
     assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]
+
+
+def test_wandb_logs_offline_into_the_run_directory(dims, tmp_path):
+    train(_cfg(tmp_path, "wandb", "train.steps=2", "logging.wandb=true", "logging.log_every=1"))
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
