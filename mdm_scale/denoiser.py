@@ -12,6 +12,7 @@ TP = 1 and TP = 8.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -197,6 +198,12 @@ class Denoiser(MegatronModule):
     def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
         """[b, l] logits of scheduler head `name` from features; gradients stop at the backbone."""
         return self.scheduler_heads[name](hidden.detach().float())
+
+
+def document_attention_mask(document_ids: Tensor) -> Tensor:
+    """[b, l] document index of each position (packed sequences) -> [b, 1, l, l] bool attention mask, True where
+    query and key belong to different documents (megatron's convention: True = may not attend)."""
+    return (document_ids[:, None, :, None] != document_ids[:, None, None, :])
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:

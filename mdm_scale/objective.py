@@ -145,6 +145,7 @@ def nelbo(
     velocity_weight: float = 1.0,
     score_function: bool = True,
     reduce_group=None,
+    attention_mask: Tensor | None = None,
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
 
@@ -155,17 +156,18 @@ def nelbo(
         velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
         score_function: add the RLOO score-function surrogate for learned schedules.
         reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
+        attention_mask: [b, 1, l, l] document mask of packed sequences (True = may not attend), or None.
     """
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
     forward_logits = None
     if schedule.needs_clean_features:
         with torch.no_grad():
-            clean_hidden = denoiser(x0, torch.zeros_like(t))
+            clean_hidden = denoiser(x0, torch.zeros_like(t), attention_mask)
         forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
     # 2. Mask.
     noised = apply_noise(denoiser, schedule, x0, t, t_weight, uniforms, forward_logits)
     # 3. Denoise: one pass over z_t.
-    hidden = denoiser(noised.z_t, t.float())  # [b, l, h]
+    hidden = denoiser(noised.z_t, t.float(), attention_mask)  # [b, l, h]
     # 4.-5. Weight and normalise.
     return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
                                score_function=score_function, reduce_group=reduce_group)
@@ -174,6 +176,7 @@ def nelbo(
 def training_nelbo(
     denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator,
     *, data_parallel_rank: int = 0, data_parallel_size: int = 1, data_parallel_group=None,
+    attention_mask: Tensor | None = None,
 ) -> NelboTerms:
     """Estimate the NELBO of a batch (the training objective) with noise drawn from `generator`.
 
@@ -186,5 +189,5 @@ def training_nelbo(
     return nelbo(
         denoiser, schedule, x0, t[mine], t_weight[mine], uniforms[mine],
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
-        reduce_group=data_parallel_group if data_parallel_size > 1 else None,
+        reduce_group=data_parallel_group if data_parallel_size > 1 else None, attention_mask=attention_mask,
     )

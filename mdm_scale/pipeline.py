@@ -42,6 +42,7 @@ def pipeline_nelbo(
     generator: torch.Generator,
     *,
     forward_only: bool = False,
+    attention_masks: list[Tensor] | None = None,
 ) -> list[float]:
     """Forward (and backward unless `forward_only`) of the NELBO over `micro_batches` through the pipeline.
 
@@ -51,7 +52,9 @@ def pipeline_nelbo(
     Args:
         micro_batches: [b, l] clean token ids, the same list on every stage.
         generator: the training noise generator; advanced identically on every stage.
+        attention_masks: per micro-batch [b, 1, l, l] document masks (True = may not attend), or None.
     """
+    masks = attention_masks or [None] * len(micro_batches)
     b, l = micro_batches[0].shape
     device = micro_batches[0].device
     noise = [draw_noise(b, l, cfg, generator, device) for _ in micro_batches]
@@ -65,7 +68,7 @@ def pipeline_nelbo(
 
         def clean_step(data_iterator, model):
             i = next(data_iterator)
-            out = model(micro_batches[i], torch.zeros(b, device=device))
+            out = model(micro_batches[i], torch.zeros(b, device=device), masks[i])
 
             def keep(hidden):
                 clean_features[i] = hidden.detach()
@@ -88,7 +91,7 @@ def pipeline_nelbo(
         i = next(data_iterator)
         t, t_weight, uniforms = noise[i]
         noised = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, forward_logits[i])
-        out = model(noised.z_t, t.float())
+        out = model(noised.z_t, t.float(), masks[i])
 
         def loss(hidden):
             logits = None

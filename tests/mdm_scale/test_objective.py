@@ -214,3 +214,21 @@ def test_lomdm_forward_scheduler_gradient_matches_finite_differences(dims):
     exact_grad, mean, se = _exact_and_estimated_gradient(denoiser, schedule, x0, fwd.weight, exact, draws=12)
     assert exact_grad.abs().max() > 1e-2
     assert ((mean - exact_grad).abs() < 4 * se + 2e-3).all(), (mean - exact_grad, se)
+
+
+def test_document_mask_makes_packed_documents_independent(dims):
+    from mdm_scale.denoiser import document_attention_mask
+
+    denoiser = make_denoiser(vocab=50, seq_len=12, std=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (1, 12), generator=g)
+    mask = document_attention_mask(torch.tensor([[0] * 5 + [1] * 7]))
+    other = x.clone()
+    other[0, :5] = torch.randint(0, 50, (5,), generator=g)  # a different first document
+    with torch.no_grad():
+        packed, changed = denoiser(x, attention_mask=mask), denoiser(other, attention_mask=mask)
+        alone = denoiser(x[:, 5:])  # the second document by itself (rotary attention is relative)
+        unmasked = denoiser(other)
+    assert torch.allclose(packed[0, 5:], changed[0, 5:], atol=1e-6)
+    assert torch.allclose(packed[0, 5:], alone[0], atol=1e-5)
+    assert not torch.allclose(packed[0, 5:], unmasked[0, 5:], atol=1e-3)  # without the mask it leaks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.parallel.workers import SMALL
+from tests.parallel.workers import SMALL, packed_documents
 
 PP_MODEL = [*SMALL, "model.num_layers=4", "model.tie_embeddings=false"]
 
@@ -20,7 +20,8 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
 
     dims = init_distributed(pipeline_parallel=pipeline_parallel, device="cpu", seed=0)
     out = {}
-    for objective in objectives:
+    for name in objectives:
+        objective, _, documents = name.partition("+")  # "lomdm+documents": packed documents with a mask
         cfg = load_config("tiny", [*PP_MODEL, f"objective={objective}"])
         torch.manual_seed(0)
         model = build_model(cfg, 97, dims)
@@ -34,10 +35,12 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
                         p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             else:
                 for n, p in model.named_parameters():
-                    p.copy_(reference[objective]["weights"][names[n]])
+                    p.copy_(reference[name]["weights"][names[n]])
         batches = [torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
-        losses = pipeline_nelbo(denoiser, schedule, batches, cfg.objective, torch.Generator().manual_seed(3))
-        out[objective] = {
+        masks = [packed_documents(4, 16)] * len(batches) if documents else None
+        losses = pipeline_nelbo(denoiser, schedule, batches, cfg.objective, torch.Generator().manual_seed(3),
+                                attention_masks=masks)
+        out[name] = {
             "losses": losses,
             "grads": {names[n]: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "weights": {names[n]: p.detach().clone() for n, p in model.named_parameters()},

@@ -8,7 +8,7 @@ import torch
 from tests.parallel import workers
 from tests.spawn import run_ranks
 
-OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm"]
+OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm+documents"]  # +documents: packed, masked
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from tests.parallel import pipeline_workers
 from tests.spawn import run_ranks
 
-OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm"]
+OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm+documents"]  # +documents: packed, masked
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,15 @@ def nelbo_gradients(rank: int, objectives: list[str], tensor_parallel: int) -> d
     return {objective: _nelbo_gradients(objective, tensor_parallel) for objective in objectives}
 
 
+def packed_documents(batch_size: int, seq_len: int) -> torch.Tensor:
+    """[b, 1, l, l] document mask of sequences packing three documents each, with boundaries varying by row."""
+    from mdm_scale.denoiser import document_attention_mask
+
+    positions = torch.arange(seq_len)[None, :]
+    cuts = torch.tensor([[3 + r, 9 + r] for r in range(batch_size)])  # [b, 2]
+    return document_attention_mask((positions >= cuts[:, :1]).long() + (positions >= cuts[:, 1:]).long())
+
+
 def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
     from mdm_scale.config import load_config
     from mdm_scale.objective import training_nelbo
@@ -37,6 +46,7 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
     from parallel.distributed import init_distributed
 
     dims = init_distributed(tensor_parallel=tensor_parallel, device="cpu", seed=0)
+    objective, _, documents = objective.partition("+")  # "lomdm+documents": packed documents with a mask
     cfg = load_config("tiny", [*SMALL, f"objective={objective}"])
     torch.manual_seed(0)
     model = build_model(cfg, 97, dims)
@@ -46,7 +56,8 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
             if "scheduler_heads" in name or "position_logits" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     x0 = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(2))
-    terms = training_nelbo(model["denoiser"], model["schedule"], x0, cfg.objective, torch.Generator().manual_seed(3))
+    terms = training_nelbo(model["denoiser"], model["schedule"], x0, cfg.objective, torch.Generator().manual_seed(3),
+                           attention_mask=packed_documents(8, 16) if documents else None)
     terms.loss.backward()
     grads = {n: full_tensor(p.grad) if p.grad is not None else None for n, p in model.named_parameters()}
     for n, p in model.named_parameters():  # full_tensor reads the sharding attributes from the parameter
