@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from torch import Tensor
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.objective import draw_noise, nelbo
+from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo
 from mdm_scale.schedules import Schedule
 
 
@@ -36,6 +38,12 @@ def evaluate_nelbo(
     total, count = 0.0, 0
     for x0 in batches:
         x0 = x0.to(device)
+        if denoiser.config.pipeline_model_parallel_size > 1:  # the same noise, through the pipeline
+            values = pipeline_nelbo(denoiser, schedule, [x0] * time_samples, replace(cfg, velocity_weight=1.0),
+                                    generator, forward_only=True)
+            total += last_stage_mean(values, x0.device) * x0.numel() * time_samples
+            count += x0.numel() * time_samples
+            continue
         for _ in range(time_samples):
             t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], cfg, generator, x0.device)
             terms = nelbo(denoiser, schedule, x0, t, t_weight, uniforms, velocity_weight=1.0, score_function=False)

@@ -43,6 +43,9 @@ def pipeline_nelbo(
     *,
     forward_only: bool = False,
     attention_masks: list[Tensor] | None = None,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    data_parallel_group=None,
 ) -> list[float]:
     """Forward (and backward unless `forward_only`) of the NELBO over `micro_batches` through the pipeline.
 
@@ -53,11 +56,16 @@ def pipeline_nelbo(
         micro_batches: [b, l] clean token ids, the same list on every stage.
         generator: the training noise generator; advanced identically on every stage.
         attention_masks: per micro-batch [b, 1, l, l] document masks (True = may not attend), or None.
+        data_parallel_rank, data_parallel_size, data_parallel_group: as in `objective.training_nelbo` (noise of
+            the global micro-batch, this rank's strided slice; global RLOO baseline).
     """
     masks = attention_masks or [None] * len(micro_batches)
     b, l = micro_batches[0].shape
     device = micro_batches[0].device
-    noise = [draw_noise(b, l, cfg, generator, device) for _ in micro_batches]
+    mine = slice(data_parallel_rank, None, data_parallel_size)
+    noise = [tuple(x[mine] for x in draw_noise(b * data_parallel_size, l, cfg, generator, device))
+             for _ in micro_batches]
+    reduce_group = data_parallel_group if data_parallel_size > 1 else None
     run = get_forward_backward_func()
     last_stage = denoiser.post_process
 
@@ -99,7 +107,8 @@ def pipeline_nelbo(
                 logits = denoiser.scheduler_logits("forward_scheduler", clean_features[i])
             with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits)
             terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
-                                        score_function=cfg.score_function)
+                                        score_function=cfg.score_function and not forward_only,
+                                        reduce_group=reduce_group)
             losses.append(terms.nelbo.item())
             return terms.loss, {"nelbo": terms.nelbo}
 
@@ -108,3 +117,20 @@ def pipeline_nelbo(
     run(forward_step_func=train_step, data_iterator=iter(range(len(micro_batches))), model=[denoiser],
         num_microbatches=len(micro_batches), seq_length=l, micro_batch_size=b, forward_only=forward_only)
     return losses
+
+
+def last_stage_mean(values: list[float], device: torch.device) -> float:
+    """Mean of per-micro-batch values that only the last pipeline stage holds, known on every stage."""
+    t = torch.tensor([sum(values) / len(values) if values else 0.0], dtype=torch.float64, device=device)
+    return _broadcast_from_last_stage(t).item()
+
+
+def sync_pipeline_replicas(module: torch.nn.Module) -> None:
+    """Sum the gradients of parameters replicated on every stage (MDM(LS) position logits: used to mask on the
+    first stage, differentiated on the last) so all copies take the same step."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=parallel_state.get_pipeline_model_parallel_group())

@@ -23,6 +23,7 @@ from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
 from mdm_scale.metrics import MetricsLogger
 from mdm_scale.objective import training_nelbo
+from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
 from parallel.checkpoint import latest_checkpoint, save_checkpoint
@@ -51,15 +52,33 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
 
 
 def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.ModuleDict:
-    """Denoiser (with LoMDM's scheduler heads when needed) and schedule, in one module for the optimizer."""
-    schedule = build_schedule(cfg.objective.schedule, max_seq_len=cfg.data.seq_len)
-    heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
-    denoiser = Denoiser(
-        cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
-        tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=dims.pipeline_parallel,
-        on_gpu=dims.device.type == "cuda",
-    )
-    return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule}).to(dims.device)
+    """Denoiser (with LoMDM's scheduler heads when needed) and schedule, in one module for the optimizer.
+
+    With PP > 1 the full model is initialised first and each stage keeps its blocks, so every layout starts from
+    the weights PP = 1 would have (megatron would otherwise give each stage the RNG stream of stage 0). This
+    costs one transient full copy per rank at start-up.
+    """
+
+    def build(pipeline_parallel: int) -> nn.ModuleDict:
+        schedule = build_schedule(cfg.objective.schedule, max_seq_len=cfg.data.seq_len)
+        heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
+        denoiser = Denoiser(
+            cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
+            tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
+            on_gpu=dims.device.type == "cuda",
+        )
+        return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
+
+    if dims.pipeline_parallel == 1:
+        return build(1).to(dims.device)
+    rng = torch.get_rng_state()
+    full = build(1)
+    full_state = to_global(full.state_dict(), model_layout(full))
+    del full
+    torch.set_rng_state(rng)
+    stage = build(dims.pipeline_parallel)
+    stage.load_state_dict(to_local(full_state, model_layout(stage)))
+    return stage.to(dims.device)
 
 
 def _eval_batches(heldout_tokens, cfg: RunConfig) -> list[torch.Tensor]:
@@ -93,10 +112,9 @@ def train(cfg: RunConfig) -> TrainResult:
     dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
                             pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
                             seed=cfg.train.seed)
-    if dims.pipeline_parallel > 1:
-        raise NotImplementedError("pipeline parallelism is not wired into the loop yet (parallel issue)")
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.data_parallel
-    shard = f"tp{parallel_state.get_tensor_model_parallel_rank()}-pp0-dp{dp_rank}"
+    shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-"
+             f"pp{parallel_state.get_pipeline_model_parallel_rank()}-dp{dp_rank}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dims.is_main:
@@ -120,7 +138,8 @@ def train(cfg: RunConfig) -> TrainResult:
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )
     engine = build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
-                          grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size)
+                          grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size,
+                          pipeline_parallel=dims.pipeline_parallel)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     step = 0
     ckpt_dir = run_dir / "checkpoints"
@@ -157,24 +176,28 @@ def train(cfg: RunConfig) -> TrainResult:
         evaluate()
     stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     model.train()
+    dp = {"data_parallel_rank": dp_rank, "data_parallel_size": dp_size,
+          "data_parallel_group": parallel_state.get_data_parallel_group()}
     while step < stop:
-        # One optimizer step over grad_accumulation micro-batches.
-        loss_sum = 0.0
-        for _ in range(cfg.data.grad_accumulation):
-            x0 = next(batches).to(dims.device)  # [b, l]
-            with autocast:
-                terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, data_parallel_rank=dp_rank,
-                                       data_parallel_size=dp_size,
-                                       data_parallel_group=parallel_state.get_data_parallel_group())
-            engine.backward(terms.loss)
-            loss_sum += terms.nelbo.item()
+        # One optimizer step over grad_accumulation micro-batches [b, l].
+        micro_batches = [next(batches).to(dims.device) for _ in range(cfg.data.grad_accumulation)]
+        with autocast:
+            if dims.pipeline_parallel > 1:  # megatron's 1F1B schedule runs forward and backward
+                loss = last_stage_mean(pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
+                                                      **dp), dims.device)
+                sync_pipeline_replicas(schedule)
+            else:
+                loss = 0.0
+                for x0 in micro_batches:
+                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, **dp)
+                    engine.backward(terms.loss)
+                    loss += terms.nelbo.item() / len(micro_batches)
         grad_norm = engine.step()
         step += 1
-        loss = _data_parallel_mean(loss_sum / cfg.data.grad_accumulation, dp_size, dims.device)
+        loss = _data_parallel_mean(loss, dp_size, dims.device)
         result.losses[step] = loss
-        tokens = cfg.data.grad_accumulation * x0.numel() * dp_size
-        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr,
-                                   "masked": float(terms.masked_fraction)})
+        tokens = sum(x.numel() for x in micro_batches) * dp_size
+        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr})
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -186,7 +209,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if result.checkpoint is None or not result.checkpoint.endswith(f"{step:08d}"):
         checkpoint()
     result.step = step
-    if step >= cfg.train.steps and cfg.sampling.num_samples:
+    if step >= cfg.train.steps and cfg.sampling.num_samples and dims.pipeline_parallel > 1:
+        logger.write("sampling with pipeline parallelism is not supported yet; no samples printed")
+    elif step >= cfg.train.steps and cfg.sampling.num_samples:
         result.samples = _sample(cfg, denoiser, schedule, tokenizer, dims, logger)
         if dims.is_main:
             (run_dir / "samples.txt").write_text("\n\n-----\n\n".join(result.samples))

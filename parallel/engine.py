@@ -26,7 +26,10 @@ class MegatronMPU:
         return dist.get_world_size(group=parallel_state.get_model_parallel_group())
 
     def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+        # DeepSpeed counts a parameter without a tensor-parallel attribute in the gradient norm only where this is
+        # 0, then sums over the model-parallel group (TP x PP). Such parameters are duplicated across TP ranks but
+        # distinct across pipeline stages, so the answer is the TP rank: the norm then matches one process.
+        return parallel_state.get_tensor_model_parallel_rank()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
@@ -81,17 +84,22 @@ class LocalEngine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed engine with ZeRO stage `zero_stage` over megatron's data-parallel group.
 
-    `backward` runs DeepSpeed's backward and step for each micro-batch (DeepSpeed counts micro-steps and updates
-    only at accumulation boundaries, scaling the loss by 1/accumulation itself).
+    Managed (PP = 1): `backward` runs DeepSpeed's backward and step for each micro-batch (DeepSpeed counts
+    micro-steps and updates only at accumulation boundaries, scaling the loss by 1/accumulation itself).
+    External backward (PP > 1): megatron's pipeline schedule runs forward and backward on the bare module and
+    averages over micro-batches; `step` then reduces gradients over data parallelism (ZeRO 0/1), clips and
+    updates ("managed_gradient_accumulation": false, as ../shared/docs/STACK.md records working).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
-                 grad_accumulation: int, micro_batch_size: int, zero_stage: int):
+                 grad_accumulation: int, micro_batch_size: int, zero_stage: int, external_backward: bool = False):
         import deepspeed
 
+        self.external_backward = external_backward
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": grad_accumulation,
+            "gradient_accumulation_steps": 1 if external_backward else grad_accumulation,
+            "managed_gradient_accumulation": not external_backward,
             "gradient_clipping": grad_clip,
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,
@@ -105,10 +113,14 @@ class DeepSpeedEngine(Engine):
         self.model = model
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.external_backward:
+            raise RuntimeError("with pipeline parallelism the pipeline schedule runs the backward")
         self.engine.backward(loss)
         self.engine.step()
 
     def step(self) -> float:
+        if self.external_backward:
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -134,14 +146,23 @@ def safe_checkpoint_globals() -> list[Callable]:
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, zero_stage: int,
-                 grad_clip: float, grad_accumulation: int, micro_batch_size: int):
+                 grad_clip: float, grad_accumulation: int, micro_batch_size: int, pipeline_parallel: int = 1):
     """Plain AdamW on one process with zero_stage 0; DeepSpeed otherwise (any data parallelism or ZeRO).
 
     Args:
         zero_stage: 0 (replicated optimizer state), 1 (sharded state) or 2 (sharded state and gradients).
+        pipeline_parallel: PP size; PP > 1 runs its backward in megatron's schedule (ZeRO 0 or 1 only).
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {zero_stage}")
+    if pipeline_parallel > 1:
+        if zero_stage > 1:
+            raise ValueError("parallel.zero_stage=2 is not supported with pipeline parallelism (use 0 or 1): "
+                             "DeepSpeed's gradient partitioning expects to own the backward")
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=1,
+                               micro_batch_size=micro_batch_size * grad_accumulation, zero_stage=zero_stage,
+                               external_backward=True)
     if dist.get_world_size() == 1 and zero_stage == 0:
         return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel import pipeline_workers
+from tests.parallel import pipeline_workers, workers
 from tests.spawn import run_ranks
 
 OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm+documents"]  # +documents: packed, masked
@@ -28,3 +28,19 @@ def test_pipeline_parallel_matches_single_stage(single_and_pipelined, objective)
     for name, g_ref in ref["grads"].items():
         tolerance = 1e-5 * g_ref.abs().max().item() + 1e-7 * overall
         assert (grads[name] - g_ref).abs().max().item() <= tolerance, name
+
+
+def test_pipeline_parallel_training_matches_single_process(tmp_path):
+    """The training loop at PP=2 (DeepSpeed steps after megatron's schedule) follows PP=1's losses and weights,
+    and resumes exactly from its sharded checkpoint."""
+    common = ["train.steps=4", "optimizer.lr=1e-3", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5",
+              "data.micro_batch_size=2", "data.grad_accumulation=4", *pipeline_workers.PP_MODEL]
+    ref = run_ranks(1, workers.train_run, [*common, f"run_dir={tmp_path / 'ref'}"])[0]
+    split = run_ranks(2, workers.train_run, [*common, f"run_dir={tmp_path / 'pp'}", "parallel.pipeline_parallel=2",
+                                             "train.stop_at=2"])
+    resumed = run_ranks(2, workers.train_run, [*common, f"run_dir={tmp_path / 'pp'}", "parallel.pipeline_parallel=2"])
+    losses = {**split[0]["losses"], **resumed[0]["losses"]}
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in ref["losses"].items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+        assert resumed[1]["losses"].get(step, losses[step]) == losses[step]  # every stage logs the same loss

@@ -81,18 +81,20 @@ def train_run(rank: int, overrides: list[str]) -> dict:
 
     cfg = load_config("tiny", [*SMALL, *overrides])
     result = train(cfg)
-    dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel, device="cpu", seed=0)
-    shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-pp0-"
-             f"dp{parallel_state.get_data_parallel_rank()}")
+    dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
+                            pipeline_parallel=cfg.parallel.pipeline_parallel, device="cpu", seed=0)
+    shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-"
+             f"pp{parallel_state.get_pipeline_model_parallel_rank()}-dp{parallel_state.get_data_parallel_rank()}")
     ckpt = load_checkpoint(result.checkpoint, shard, safe_globals=safe_checkpoint_globals())
     model = build_model(cfg, 257, dims)
-    model.load_state_dict(to_local(ckpt.model, model_layout(model)))
+    layout = model_layout(model)
+    model.load_state_dict(to_local(ckpt.model, layout))
     optimizer = ckpt.optimizer["optimizer"]
     base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
     return {
         "losses": result.losses,
-        "params": {n: full_tensor(p) for n, p in model.named_parameters()},
-        "shard_shapes": {n: p.shape for n, p in model.named_parameters()},
+        "params": {layout[n].global_name: full_tensor(p) for n, p in model.named_parameters()},
+        "shard_shapes": {layout[n].global_name: p.shape for n, p in model.named_parameters()},
         "adam_state_numel": _numel(base.get("state", {})),
         "checkpoint": result.checkpoint,
     }
