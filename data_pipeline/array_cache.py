@@ -18,24 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel.files import fsync_dir
+
 _FORMAT = 1
 
 
 class CacheCorruptionWarning(UserWarning):
     """An existing cache entry was unreadable or failed its checksum and will be rebuilt."""
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,7 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

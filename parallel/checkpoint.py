@@ -13,7 +13,6 @@ and falls back to the previous checkpoint with a clear message when the newest i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from parallel.files import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -42,20 +43,6 @@ class Checkpoint:
     path: Path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -111,16 +98,16 @@ def save_checkpoint(
     if _rank() == 0:
         try:
             names = sorted(p.name for p in tmp.iterdir())
-            manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in names}}
+            manifest = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in names}}
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -150,7 +137,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"{file}: sha256 mismatch (corrupt or truncated)")
     return manifest
 

@@ -1,0 +1,364 @@
+"""Packed token sequences on disk as checksummed shards (MDS or WebDataset tar), read back with exact resumption.
+
+Writing: `write_mds` / `write_webdataset` take a `[num_samples, seq_len]` uint32 array (e.g. the windows of
+`PackedBatches`) and write shards plus a `manifest.json` (format, num_samples, seq_len, dtype, tokenizer
+fingerprint, and size + sha256 of every file), all into a temporary sibling directory that is renamed into place
+only when complete, so a crashed writer never leaves a half-written dataset under the final name.
+
+Reading: `ShardedSequences` verifies the files against the manifest, then serves samples by *global index* (MDS via
+mosaicml-streaming's shard readers, tar via an in-memory index of member offsets). The visiting order is exactly
+`PackedBatches`' (same per-(seed, epoch) permutation, same `perm[rank::world_size]` striding after trimming to whole
+batches on every rank, same `(epoch, position)` state), so resuming and changing the rank count are index arithmetic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.packed import EpochBatches
+from parallel.files import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+FORMATS = ("mds", "webdataset")
+_DTYPE = "uint32"
+_MDS_COLUMN = "tokens"
+_WDS_MEMBER_EXT = "tokens.npy"
+
+
+class ShardError(ValueError):
+    """A shard directory is unusable: missing/corrupt/truncated file, or a manifest that does not fit the reader."""
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+
+def _check_sequences(sequences: np.ndarray) -> np.ndarray:
+    sequences = np.asarray(sequences)
+    if sequences.ndim != 2 or sequences.shape[0] < 1 or sequences.shape[1] < 1:
+        raise ValueError(f"sequences must be a non-empty 2-D [num_samples, seq_len] array, got shape {sequences.shape}")
+    if not np.issubdtype(sequences.dtype, np.integer):
+        raise ValueError(f"sequences must hold integer token ids, got dtype {sequences.dtype}")
+    if sequences.dtype != np.uint32:
+        if sequences.min() < 0 or sequences.max() > np.iinfo(np.uint32).max:
+            raise ValueError("token ids must fit in uint32")
+        sequences = sequences.astype(np.uint32)
+    return sequences
+
+
+def _atomic_write(out_dir: str | os.PathLike, overwrite: bool, write_into) -> Path:
+    """Runs `write_into(tmp_dir) -> manifest dict` in a temp sibling of `out_dir`, then renames it into place."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = write_into(tmp)
+        manifest["files"] = [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                             for p in sorted(tmp.iterdir()) if p.is_file()]
+        manifest_tmp = tmp / MANIFEST_NAME
+        manifest_tmp.write_text(json.dumps(manifest, indent=1))
+        with open(manifest_tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if out.exists():  # overwrite: move the old one aside first so the swap is two renames
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)  # put the previous dataset back
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _manifest_header(fmt: str, sequences: np.ndarray, tokenizer_fingerprint: str | None) -> dict:
+    return {"format": fmt, "version": MANIFEST_VERSION, "num_samples": int(sequences.shape[0]),
+            "seq_len": int(sequences.shape[1]), "dtype": _DTYPE, "tokenizer_fingerprint": tokenizer_fingerprint}
+
+
+def write_mds(sequences: np.ndarray, out_dir: str | os.PathLike, *, tokenizer_fingerprint: str | None = None,
+              shard_size_bytes: int = 1 << 26, overwrite: bool = False) -> Path:
+    """Writes `sequences` as MDS shards (mosaicml-streaming's `MDSWriter`, uncompressed) plus `manifest.json`.
+
+    Args:
+        sequences: `[num_samples, seq_len]` token ids (uint32, or any integer dtype whose values fit).
+        out_dir: final directory; must not exist unless `overwrite`.
+        tokenizer_fingerprint: identifies the tokenizer that made the ids; readers can require it.
+        shard_size_bytes: MDS shard size limit (bytes per shard file, before a new one is started).
+        overwrite: replace an existing `out_dir` (atomically swapped in after the new one is complete).
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    from data_pipeline.streaming_compat import MDSWriter
+
+    sequences = _check_sequences(sequences)
+    encoding = f"ndarray:{_DTYPE}:{sequences.shape[1]}"
+
+    def write_into(tmp: Path) -> dict:
+        with MDSWriter(out=str(tmp), columns={_MDS_COLUMN: encoding}, size_limit=int(shard_size_bytes)) as writer:
+            for row in sequences:
+                writer.write({_MDS_COLUMN: row})
+        index = json.loads((tmp / "index.json").read_text())
+        manifest = _manifest_header("mds", sequences, tokenizer_fingerprint)
+        manifest["shards"] = [{"file": s["raw_data"]["basename"], "num_samples": s["samples"]}
+                              for s in index["shards"]]
+        return manifest
+
+    return _atomic_write(out_dir, overwrite, write_into)
+
+
+def write_webdataset(sequences: np.ndarray, out_dir: str | os.PathLike, *, tokenizer_fingerprint: str | None = None,
+                     samples_per_shard: int = 10_000, overwrite: bool = False) -> Path:
+    """Writes `sequences` as WebDataset tar shards (`shard-000000.tar`, one `NNNNNNNNN.tokens.npy` member per
+    sample, via `webdataset.TarWriter`) plus `manifest.json`.
+
+    Args:
+        sequences: `[num_samples, seq_len]` token ids (uint32, or any integer dtype whose values fit).
+        out_dir: final directory; must not exist unless `overwrite`.
+        tokenizer_fingerprint: identifies the tokenizer that made the ids; readers can require it.
+        samples_per_shard: samples per tar file (the last one may hold fewer).
+        overwrite: replace an existing `out_dir` (atomically swapped in after the new one is complete).
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    import webdataset
+
+    sequences = _check_sequences(sequences)
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+
+    def write_into(tmp: Path) -> dict:
+        tmp.mkdir()
+        shards = []
+        for shard_idx, start in enumerate(range(0, len(sequences), samples_per_shard)):
+            name = f"shard-{shard_idx:06d}.tar"
+            rows = sequences[start : start + samples_per_shard]
+            with webdataset.TarWriter(str(tmp / name), encoder=False) as writer:
+                for i, row in enumerate(rows):
+                    buf = io.BytesIO()
+                    np.save(buf, row, allow_pickle=False)
+                    writer.write({"__key__": f"{start + i:09d}", _WDS_MEMBER_EXT: buf.getvalue()})
+            shards.append({"file": name, "num_samples": len(rows)})
+        manifest = _manifest_header("webdataset", sequences, tokenizer_fingerprint)
+        manifest["shards"] = shards
+        return manifest
+
+    return _atomic_write(out_dir, overwrite, write_into)
+
+
+# ---------------------------------------------------------------------------------------------- verification
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    """Loads `out_dir/manifest.json`, raising `ShardError` naming it when it is missing or malformed."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: manifest missing (an incomplete or foreign shard directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: manifest is not valid JSON ({err})") from None
+    missing = [k for k in ("format", "num_samples", "seq_len", "dtype", "files", "shards") if k not in manifest]
+    if missing:
+        raise ShardError(f"{path}: manifest lacks {missing}")
+    if manifest["format"] not in FORMATS:
+        raise ShardError(f"{path}: unknown format {manifest['format']!r} (expected one of {FORMATS})")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        raise ShardError(f"{path}: shard sample counts do not add up to num_samples {manifest['num_samples']}")
+    return manifest
+
+
+def verify_shards(out_dir: str | os.PathLike, *, checksums: bool = True) -> dict:
+    """Checks every file listed in the manifest exists with the recorded size and (if `checksums`) sha256.
+
+    Args:
+        out_dir: a directory written by `write_mds` / `write_webdataset`.
+        checksums: recompute sha256 of every file (False: existence and sizes only, for very large datasets).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ShardError: naming the first missing, truncated/resized or corrupt file (or a bad manifest).
+    """
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    for entry in manifest["files"]:
+        path = out / entry["name"]
+        if not path.is_file():
+            raise ShardError(f"{path}: missing (listed in {out / MANIFEST_NAME})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            kind = "truncated" if size < entry["bytes"] else "has the wrong size"
+            raise ShardError(f"{path}: {kind}: {size} bytes, manifest says {entry['bytes']}")
+        if checksums and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: corrupt: sha256 differs from {out / MANIFEST_NAME}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+class _ShardSamples:
+    """A `SampleSource` over the shards a manifest lists."""
+
+    def __init__(self, manifest: dict) -> None:
+        self._num_samples = int(manifest["num_samples"])
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+
+class _MdsSamples(_ShardSamples):
+    """Random access by global index over MDS shards, through mosaicml-streaming's own shard readers."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        from data_pipeline.streaming_compat import reader_from_json
+
+        super().__init__(manifest)
+        index = json.loads((root / "index.json").read_text())
+        expected = f"ndarray:{_DTYPE}:{manifest['seq_len']}"
+        self._readers = []
+        for shard in index["shards"]:
+            if shard.get("column_names") != [_MDS_COLUMN] or shard.get("column_encodings") != [expected]:
+                raise ShardError(f"{root / 'index.json'}: shard {shard['raw_data']['basename']} has columns "
+                                 f"{shard.get('column_names')} {shard.get('column_encodings')}, expected "
+                                 f"[{_MDS_COLUMN!r}] [{expected!r}] from {root / MANIFEST_NAME}")
+            self._readers.append(reader_from_json(str(root), None, shard))
+        if [r.samples for r in self._readers] != [s["num_samples"] for s in manifest["shards"]]:
+            raise ShardError(f"{root / 'index.json'}: per-shard sample counts disagree with {root / MANIFEST_NAME}")
+        self._starts = np.cumsum([0] + [r.samples for r in self._readers])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
+        return np.stack([self._readers[s].get_item(int(i - self._starts[s]))[_MDS_COLUMN]
+                         for i, s in zip(indices, shard_ids)])
+
+
+class _TarSamples(_ShardSamples):
+    """Random access by global index over tar shards: one scan records each member's data offset."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        super().__init__(manifest)
+        self._paths = []
+        offsets, sizes, files = [], [], []
+        for file_idx, shard in enumerate(manifest["shards"]):
+            path = root / shard["file"]
+            self._paths.append(path)
+            count = 0
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    if not member.name.endswith("." + _WDS_MEMBER_EXT):
+                        raise ShardError(f"{path}: unexpected member {member.name!r}")
+                    offsets.append(member.offset_data)
+                    sizes.append(member.size)
+                    files.append(file_idx)
+                    count += 1
+            if count != shard["num_samples"]:
+                raise ShardError(f"{path}: holds {count} samples, {root / MANIFEST_NAME} says {shard['num_samples']}")
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self._files = np.asarray(files, dtype=np.int64)
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def _handle(self, file_idx: int):
+        if self._pid != os.getpid():  # forked (e.g. a DataLoader worker): never share file offsets with the parent
+            self._handles, self._pid = {}, os.getpid()
+        if file_idx not in self._handles:
+            self._handles[file_idx] = open(self._paths[file_idx], "rb")
+        return self._handles[file_idx]
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        rows = []
+        for i in indices:
+            f = self._handle(int(self._files[i]))
+            f.seek(int(self._offsets[i]))
+            rows.append(np.load(io.BytesIO(f.read(int(self._sizes[i]))), allow_pickle=False))
+        return np.stack(rows)
+
+    def __del__(self) -> None:
+        for f in getattr(self, "_handles", {}).values():
+            f.close()
+
+
+class ShardedSequences(EpochBatches):
+    """`EpochBatches` over the samples of a verified shard directory: the same order, rank striding and resume
+    state as `PackedBatches`, so shards written from its windows give identical batches."""
+
+    def __init__(self, path: str | os.PathLike, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, expected_tokenizer_fingerprint: str | None = None,
+                 format: str | None = None, verify_checksums: bool = True) -> None:
+        """Args:
+        path: directory written by `write_mds` / `write_webdataset`.
+        seq_len: tokens per sample the caller expects; must equal the manifest's.
+        batch_size: samples per batch, per rank.
+        seed: base seed of the per-epoch permutations.
+        rank: this process's index in [0, world_size).
+        world_size: number of data-parallel ranks sharing the data.
+        shuffle: permute samples each epoch and iterate forever; False keeps order and stops after one pass.
+        expected_tokenizer_fingerprint: if given, must equal the manifest's tokenizer fingerprint.
+        format: if given ("mds" or "webdataset"), must equal the manifest's format.
+        verify_checksums: recompute every file's sha256 at construction (sizes are always checked).
+
+        Raises:
+            ShardError: missing/corrupt/truncated files, or a manifest whose seq_len, tokenizer fingerprint,
+                format or dtype differs from what the caller expects.
+        """
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_NAME
+        manifest = verify_shards(self.path, checksums=verify_checksums)
+        mismatches = []
+        if manifest["seq_len"] != seq_len:
+            mismatches.append(f"seq_len: manifest {manifest['seq_len']}, expected {seq_len}")
+        if manifest["dtype"] != _DTYPE:
+            mismatches.append(f"dtype: manifest {manifest['dtype']!r}, expected {_DTYPE!r}")
+        if format is not None and manifest["format"] != format:
+            mismatches.append(f"format: manifest {manifest['format']!r}, expected {format!r}")
+        if (expected_tokenizer_fingerprint is not None
+                and manifest.get("tokenizer_fingerprint") != expected_tokenizer_fingerprint):
+            mismatches.append(f"tokenizer_fingerprint: manifest {manifest.get('tokenizer_fingerprint')!r}, "
+                              f"expected {expected_tokenizer_fingerprint!r}")
+        if mismatches:
+            raise ShardError(f"{manifest_path} does not match this reader: " + "; ".join(mismatches))
+        self.manifest = manifest
+        source = _MdsSamples(self.path, manifest) if manifest["format"] == "mds" else _TarSamples(self.path, manifest)
+        super().__init__(source, seq_len, batch_size, seed, shuffle, rank, world_size)
+
+    def _too_short_message(self) -> str:
+        return (f"{self.path} holds {self._num_samples} samples, but one batch on each of {self.world_size} "
+                f"rank(s) needs {self.batch_size * self.world_size} samples")
+
+    @property
+    def format(self) -> str:
+        return self.manifest["format"]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Sample `index` (global, stored order) as a LongTensor `[seq_len]`."""
+        if not 0 <= index < self._num_samples:
+            raise IndexError(f"sample {index} outside [0, {self._num_samples})")
+        return torch.from_numpy(self.source.get(np.asarray([index]))[0].astype(np.int64))
+
+    def __len__(self) -> int:
+        return self._num_samples
