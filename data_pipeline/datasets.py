@@ -33,10 +33,10 @@ def embedded_corpus_shards(source: str, tokenizer: Tokenizer, seq_len: int, cach
 
 
 def open_split(root: Path, split: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-               shuffle: bool = True, rank: int = 0, world_size: int = 1) -> ShardedSequences:
+               shuffle: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> ShardedSequences:
     """Resumable batches of one split; refuses shards made with another tokenizer or sequence length."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
     return ShardedSequences(Path(root) / split, seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank,
-                            world_size=world_size, shuffle=shuffle,
+                            world_size=world_size, shuffle=shuffle, num_workers=num_workers,
                             expected_tokenizer_fingerprint=tokenizer.fingerprint())

@@ -9,6 +9,7 @@ function of (seed, epoch), which is what makes resuming exact: the iterator's wh
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Protocol
 
 import numpy as np
@@ -45,7 +46,7 @@ class EpochBatches:
     """
 
     def __init__(self, source: SampleSource, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
         """Args:
         source: the samples (`len(source)` of them).
         seq_len: tokens per sample (row).
@@ -54,6 +55,8 @@ class EpochBatches:
         shuffle: permute samples each epoch and iterate forever; False keeps order and stops after one pass.
         rank: this process's index in [0, world_size).
         world_size: number of data-parallel ranks sharing the samples.
+        num_workers: DataLoader worker processes that read batches ahead (0 = read in this process). A batch is a
+            pure function of its index, so workers change neither the order nor the resume state.
         """
         if seq_len < 1 or batch_size < 1 or world_size < 1:
             raise ValueError(f"seq_len, batch_size, world_size must be >= 1, got {seq_len}, {batch_size}, {world_size}")
@@ -71,6 +74,8 @@ class EpochBatches:
         self._position = 0  # batches already yielded in the current epoch
         self._order_epoch = -1
         self._order: torch.Tensor | None = None  # this rank's sample indices for `_order_epoch`
+        self.num_workers = int(num_workers)
+        self._prefetch = None  # DataLoader iterator, started at the current position on first use
 
     def _too_short_message(self) -> str:
         return (f"{self._num_samples} samples, but one batch on each of {self.world_size} rank(s) needs "
@@ -102,14 +107,28 @@ class EpochBatches:
     def __iter__(self) -> EpochBatches:
         return self
 
+    def batch(self, index: int) -> torch.Tensor:
+        """This rank's `index`-th batch counted from the start of epoch 0: `[batch_size, seq_len]` int64."""
+        epoch, position = divmod(index, self._batches_per_epoch)
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
+        start = position * self.batch_size
+        idx = self._order[start : start + self.batch_size].numpy()
+        return torch.from_numpy(np.asarray(self.source.get(idx)).astype(np.int64))
+
     def __next__(self) -> torch.Tensor:
         if not self.shuffle and self._epoch >= 1:
             raise StopIteration
-        if self._order_epoch != self._epoch:
-            self._order, self._order_epoch = self.epoch_order(self._epoch), self._epoch
-        start = self._position * self.batch_size
-        idx = self._order[start : start + self.batch_size].numpy()
-        batch = torch.from_numpy(np.asarray(self.source.get(idx)).astype(np.int64))
+        index = self._epoch * self._batches_per_epoch + self._position
+        if self.num_workers == 0:
+            batch = self.batch(index)
+        else:
+            if self._prefetch is None:
+                end = None if self.shuffle else self._batches_per_epoch
+                indices = itertools.count(index) if end is None else range(index, end)
+                self._prefetch = iter(torch.utils.data.DataLoader(
+                    _BatchByIndex(self), batch_size=None, sampler=indices, num_workers=self.num_workers))
+            batch = next(self._prefetch)
         self._position += 1
         if self._position == self._batches_per_epoch:
             self._epoch, self._position = self._epoch + 1, 0
@@ -145,6 +164,17 @@ class EpochBatches:
             raise ValueError(f"{name} state position out of range: epoch {epoch}, position {position} "
                              f"(batches_per_epoch {self._batches_per_epoch})")
         self._epoch, self._position = epoch, position
+        self._prefetch = None  # restart the workers at the loaded position
+
+
+class _BatchByIndex(torch.utils.data.Dataset):
+    """Map-style view of an `EpochBatches` for DataLoader workers: item k is its k-th batch."""
+
+    def __init__(self, batches: EpochBatches):
+        self.batches = batches
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.batches.batch(index)
 
 
 class _Windows:
@@ -165,10 +195,10 @@ class PackedBatches(EpochBatches):
     """`EpochBatches` over the windows of one in-memory token stream ("wrap" packing, as MDLM does for OWT)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
         """Args:
         tokens: 1-D integer token stream (e.g. from `build_token_corpus`); may be a memmap, it is not copied.
-        seq_len, batch_size, seed, shuffle, rank, world_size: as in `EpochBatches`.
+        seq_len, batch_size, seed, shuffle, rank, world_size, num_workers: as in `EpochBatches`.
         """
         tokens = np.asarray(tokens)
         if tokens.ndim != 1:
@@ -176,7 +206,7 @@ class PackedBatches(EpochBatches):
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self._num_tokens = len(tokens)
-        super().__init__(_Windows(tokens, seq_len), seq_len, batch_size, seed, shuffle, rank, world_size)
+        super().__init__(_Windows(tokens, seq_len), seq_len, batch_size, seed, shuffle, rank, world_size, num_workers)
 
     def _too_short_message(self) -> str:
         need = self.seq_len * self.batch_size * self.world_size

@@ -309,7 +309,7 @@ class ShardedSequences(EpochBatches):
 
     def __init__(self, path: str | os.PathLike, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, expected_tokenizer_fingerprint: str | None = None,
-                 format: str | None = None, verify_checksums: bool = True) -> None:
+                 format: str | None = None, verify_checksums: bool = True, num_workers: int = 0) -> None:
         """Args:
         path: directory written by `write_mds` / `write_webdataset`.
         seq_len: tokens per sample the caller expects; must equal the manifest's.
@@ -321,6 +321,7 @@ class ShardedSequences(EpochBatches):
         expected_tokenizer_fingerprint: if given, must equal the manifest's tokenizer fingerprint.
         format: if given ("mds" or "webdataset"), must equal the manifest's format.
         verify_checksums: recompute every file's sha256 at construction (sizes are always checked).
+        num_workers: DataLoader worker processes reading ahead (see `EpochBatches`).
 
         Raises:
             ShardError: missing/corrupt/truncated files, or a manifest whose seq_len, tokenizer fingerprint,
@@ -344,7 +345,7 @@ class ShardedSequences(EpochBatches):
             raise ShardError(f"{manifest_path} does not match this reader: " + "; ".join(mismatches))
         self.manifest = manifest
         source = _MdsSamples(self.path, manifest) if manifest["format"] == "mds" else _TarSamples(self.path, manifest)
-        super().__init__(source, seq_len, batch_size, seed, shuffle, rank, world_size)
+        super().__init__(source, seq_len, batch_size, seed, shuffle, rank, world_size, num_workers)
 
     def _too_short_message(self) -> str:
         return (f"{self.path} holds {self._num_samples} samples, but one batch on each of {self.world_size} "

@@ -118,6 +118,8 @@ class DataConfig:
     """Sequences per forward pass per data-parallel rank."""
     grad_accumulation: int = 1
     """Micro-batches per optimizer step."""
+    num_workers: int = 0
+    """DataLoader worker processes reading batches ahead (order and resume state are unchanged by them)."""
     cache_dir: str = "~/.cache/mdm_scale/data"
     """Where tokenized corpora are cached."""
 

@@ -130,7 +130,8 @@ def train(cfg: RunConfig) -> TrainResult:
         data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len,
                                            Path(cfg.data.cache_dir).expanduser())
     batches = open_split(data_root, "train", tokenizer, seq_len=cfg.data.seq_len,
-                         batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size)
+                         batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
+                         num_workers=cfg.data.num_workers)
     eval_batches = _eval_batches(data_root, tokenizer, cfg)
 
     # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.

@@ -179,3 +179,24 @@ def test_torchvision_standin_is_used_only_when_real_torchvision_cannot_import():
     assert streaming_compat.USING_TORCHVISION_STANDIN == (probe.returncode != 0)
     if streaming_compat.USING_TORCHVISION_STANDIN:
         assert "torchvision::nms does not exist" in probe.stderr  # the only failure the stand-in is meant for
+
+
+def test_two_ranks_with_two_workers_each_read_disjoint_samples_and_resume_exactly(shard_dir):
+    """2 ranks x 2 DataLoader workers: one epoch is the whole dataset once; a reader stopped after k batches and
+    resumed (workers restarted at the saved position) yields exactly the remaining batches."""
+    per_rank = []
+    for rank in range(2):
+        reader = _reader(shard_dir, rank=rank, world_size=2, num_workers=2)
+        per_rank.append([i for _ in range(reader.batches_per_epoch) for i in _ids(next(reader))])
+        assert per_rank[-1] == [i for b in itertools.islice(_reader(shard_dir, rank=rank, world_size=2),
+                                                            reader.batches_per_epoch) for i in _ids(b)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(per_rank[0]) + len(per_rank[1]) == 2 * 8 * (N // 16)  # whole batches on both ranks
+    uninterrupted = [b.clone() for b in itertools.islice(_reader(shard_dir, num_workers=2), 20)]
+    killed = _reader(shard_dir, num_workers=2)
+    for _ in range(7):
+        next(killed)
+    state = killed.state_dict()
+    resumed = _reader(shard_dir, num_workers=2)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[7:], itertools.islice(resumed, 13)))
