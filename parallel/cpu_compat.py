@@ -6,6 +6,8 @@ only on CPU and is applied once, process-wide, by `apply()`; on GPU machines not
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 _applied = False
@@ -47,6 +49,11 @@ def apply() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _CpuDeviceTorch()
+
+    # 5. With 2. the tracker's "GPU" generator *is* the CPU one, so its fork() always sees the CPU state change and
+    #    logs a warning per dropout call; the states are still saved and restored correctly.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
     _applied = True
 
 
