@@ -1,7 +1,7 @@
 """The one place that chooses megatron-core layer implementations (local or Transformer Engine).
 
 The denoiser is bidirectional: megatron's GPT specs hard-code a causal mask, so we switch the self-attention
-mask type to `padding` (local) or `no_mask` (Transformer Engine) and pass document masks where needed.
+mask type to `padding` and always pass a mask (all False, or document boundaries of packed sequences).
 """
 
 from __future__ import annotations
@@ -27,13 +27,8 @@ def denoiser_layer_spec(*, use_transformer_engine: bool, causal: bool = False) -
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_transformer_engine:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-        bidirectional = AttnMaskType.padding
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec()
-        bidirectional = AttnMaskType.padding
-    spec.submodules.self_attention.params["attn_mask_type"] = (
-        AttnMaskType.causal if causal else bidirectional
-    )
+    spec = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec() if use_transformer_engine
+            else gpt_layer_specs.get_gpt_layer_local_spec())
+    # padding = an explicit [b, 1, l, l] mask: all False for full attention, or document boundaries.
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.causal if causal else AttnMaskType.padding
     return spec
