@@ -9,13 +9,15 @@ function of (seed, epoch), which is what makes resuming exact: the iterator's wh
 from __future__ import annotations
 
 import hashlib
-import itertools
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 import torch
 
-_STATE_CONFIG_KEYS = ("seq_len", "batch_size", "num_samples", "world_size", "seed", "shuffle")
+_STATE_CONFIG_KEYS = ("seq_len", "num_samples", "seed", "shuffle")
+"""What a saved position is only valid for. The rank count and per-rank batch size are not among them: the
+position is a count of *global* samples into the epoch's permutation, the same for any data-parallel layout."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -30,19 +32,23 @@ class SampleSource(Protocol):
     def __len__(self) -> int: ...
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        """[n] global indices -> [n, seq_len] integer array."""
+        """[n] global indices -> [n, seq_len] (or [n, columns, seq_len]) integer array."""
         ...
 
 
 class EpochBatches:
     """Iterator of `torch.LongTensor` batches `[batch_size, seq_len]` over the samples of a `SampleSource`.
 
-    Every epoch visits all samples in a permutation seeded by (seed, epoch). With `world_size > 1` each rank takes
-    a disjoint strided slice of that permutation (`perm[rank::world_size]`) after the tail that does not fill a
-    whole batch on every rank is dropped, so all ranks yield the same number of batches.
+    Every epoch visits the samples in a permutation of all of them seeded by (seed, epoch), one *global batch*
+    (`batch_size * world_size` samples) per step: global batch k is `perm[k*G : (k+1)*G]` and rank r takes every
+    `world_size`-th sample of it starting at r. The tail that does not fill a global batch is dropped, so all ranks
+    yield the same number of batches. The union of the ranks' k-th batches therefore does not depend on the layout.
 
-    `shuffle=True` (training) iterates forever across epochs; `shuffle=False` (evaluation) keeps the stored order
-    and stops after one pass. `state_dict()` is identical on every rank, so rank 0 can save it.
+    The position is the number of global samples consumed in the current epoch. That makes resuming exact and
+    *elastic*: a state saved with 2 ranks x 8 continues on 1 x 16 or 4 x 4 with exactly the same samples per step,
+    and with any other global batch it continues with the rest of the same permutation (nothing repeated or
+    skipped). `shuffle=True` (training) iterates forever across epochs; `shuffle=False` (evaluation) keeps the
+    stored order and stops after one pass. `state_dict()` is identical on every rank, so rank 0 can save it.
     """
 
     def __init__(self, source: SampleSource, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
@@ -56,7 +62,7 @@ class EpochBatches:
         rank: this process's index in [0, world_size).
         world_size: number of data-parallel ranks sharing the samples.
         num_workers: DataLoader worker processes that read batches ahead (0 = read in this process). A batch is a
-            pure function of its index, so workers change neither the order nor the resume state.
+            pure function of its (epoch, offset), so workers change neither the order nor the resume state.
         """
         if seq_len < 1 or batch_size < 1 or world_size < 1:
             raise ValueError(f"seq_len, batch_size, world_size must be >= 1, got {seq_len}, {batch_size}, {world_size}")
@@ -67,19 +73,20 @@ class EpochBatches:
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.rank, self.world_size = int(rank), int(world_size)
         self._num_samples = len(source)
-        self._batches_per_epoch = self._num_samples // self.world_size // self.batch_size
+        self._global_batch = self.batch_size * self.world_size
+        self._batches_per_epoch = self._num_samples // self._global_batch
         if self._batches_per_epoch == 0:
             raise ValueError(self._too_short_message())
         self._epoch = 0
-        self._position = 0  # batches already yielded in the current epoch
-        self._order_epoch = -1
-        self._order: torch.Tensor | None = None  # this rank's sample indices for `_order_epoch`
+        self._offset = 0  # global samples consumed in the current epoch
+        self._perm_epoch = -1
+        self._perm: torch.Tensor | None = None  # the global permutation of `_perm_epoch`
         self.num_workers = int(num_workers)
         self._prefetch = None  # DataLoader iterator, started at the current position on first use
 
     def _too_short_message(self) -> str:
         return (f"{self._num_samples} samples, but one batch on each of {self.world_size} rank(s) needs "
-                f"{self.batch_size * self.world_size}")
+                f"{self._global_batch}")
 
     @property
     def num_samples(self) -> int:
@@ -87,71 +94,75 @@ class EpochBatches:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank yields per epoch."""
+        """Batches each rank yields in a whole epoch."""
         return self._batches_per_epoch
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for `epoch`, in visiting order (`batches_per_epoch * batch_size` of them).
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The global visiting order of `epoch` (all `num_samples` indices; identical on every rank)."""
+        if self._perm_epoch != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+                self._perm = torch.randperm(self._num_samples, generator=generator)
+            else:
+                self._perm = torch.arange(self._num_samples)
+            self._perm_epoch = epoch
+        return self._perm
 
-        Args:
-            epoch: epoch number (>= 0).
-        """
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            perm = torch.randperm(self._num_samples, generator=generator)
-        else:
-            perm = torch.arange(self._num_samples)
-        used = perm[: self._batches_per_epoch * self.batch_size * self.world_size]
-        return used[self.rank :: self.world_size]
+    def batch_at(self, epoch: int, offset: int) -> torch.Tensor:
+        """This rank's batch of the global batch that starts `offset` samples into `epoch`'s permutation."""
+        perm = self.permutation(epoch)
+        idx = perm[offset + self.rank : offset + self._global_batch : self.world_size].numpy()
+        return torch.from_numpy(np.asarray(self.source.get(idx)).astype(np.int64))
+
+    def _next_position(self, epoch: int, offset: int) -> tuple[int, int]:
+        offset += self._global_batch
+        if offset + self._global_batch > self._num_samples:  # the tail does not fill a global batch
+            return epoch + 1, 0
+        return epoch, offset
+
+    def _positions(self) -> Iterator[tuple[int, int]]:
+        """(epoch, offset) of every batch from the current position on (one pass only when not shuffling)."""
+        epoch, offset = self._epoch, self._offset
+        while self.shuffle or epoch == 0:
+            yield epoch, offset
+            epoch, offset = self._next_position(epoch, offset)
 
     def __iter__(self) -> EpochBatches:
         return self
 
-    def batch(self, index: int) -> torch.Tensor:
-        """This rank's `index`-th batch counted from the start of epoch 0: `[batch_size, seq_len]` int64."""
-        epoch, position = divmod(index, self._batches_per_epoch)
-        if self._order_epoch != epoch:
-            self._order, self._order_epoch = self.epoch_order(epoch), epoch
-        start = position * self.batch_size
-        idx = self._order[start : start + self.batch_size].numpy()
-        return torch.from_numpy(np.asarray(self.source.get(idx)).astype(np.int64))
-
     def __next__(self) -> torch.Tensor:
         if not self.shuffle and self._epoch >= 1:
             raise StopIteration
-        index = self._epoch * self._batches_per_epoch + self._position
         if self.num_workers == 0:
-            batch = self.batch(index)
+            batch = self.batch_at(self._epoch, self._offset)
         else:
             if self._prefetch is None:
-                end = None if self.shuffle else self._batches_per_epoch
-                indices = itertools.count(index) if end is None else range(index, end)
                 self._prefetch = iter(torch.utils.data.DataLoader(
-                    _BatchByIndex(self), batch_size=None, sampler=indices, num_workers=self.num_workers))
+                    _BatchAtPosition(self), batch_size=None, sampler=self._positions(), num_workers=self.num_workers))
             batch = next(self._prefetch)
-        self._position += 1
-        if self._position == self._batches_per_epoch:
-            self._epoch, self._position = self._epoch + 1, 0
+        self._epoch, self._offset = self._next_position(self._epoch, self._offset)
         return batch
 
     def state_dict(self) -> dict:
-        """Position of the iterator (epoch, batches into it) plus the configuration it is only valid for."""
-        return {"epoch": self._epoch, "position": self._position, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "num_samples": self._num_samples, "world_size": self.world_size,
-                "seed": self.seed, "shuffle": self.shuffle}
+        """Position (epoch, global samples consumed in it) plus what it is only valid for. `world_size` and
+        `batch_size` are recorded for information; a different layout may resume from this state."""
+        return {"epoch": self._epoch, "sample_offset": self._offset, "seq_len": self.seq_len,
+                "num_samples": self._num_samples, "seed": self.seed, "shuffle": self.shuffle,
+                "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues from `state`: the next batches are those the saving iterator would have produced next.
+        """Continues from `state`: the next samples are those the saving run would have consumed next.
 
         Args:
-            state: a `state_dict()` result (e.g. from a checkpoint), possibly saved by another rank.
+            state: a `state_dict()` result (e.g. from a checkpoint), possibly saved by another rank or by a run
+                with another rank count or batch size.
 
         Raises:
-            ValueError: the state was made with a different seq_len, batch_size, num_samples, world_size, seed
-                or shuffle, or its position is out of range.
+            ValueError: the state was made with a different seq_len, num_samples, seed or shuffle, or its
+                position is out of range.
         """
         name = type(self).__name__
-        missing = [k for k in ("epoch", "position", *_STATE_CONFIG_KEYS) if k not in state]
+        missing = [k for k in ("epoch", "sample_offset", *_STATE_CONFIG_KEYS) if k not in state]
         if missing:
             raise ValueError(f"{name} state is missing {missing}")
         current = self.state_dict()
@@ -159,22 +170,24 @@ class EpochBatches:
         if diffs:
             raise ValueError(f"{name} state was saved with a different configuration (" + "; ".join(diffs)
                              + "); resuming would not reproduce the uninterrupted stream")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self._batches_per_epoch:
-            raise ValueError(f"{name} state position out of range: epoch {epoch}, position {position} "
-                             f"(batches_per_epoch {self._batches_per_epoch})")
-        self._epoch, self._position = epoch, position
+        epoch, offset = int(state["epoch"]), int(state["sample_offset"])
+        if epoch < 0 or not 0 <= offset < self._num_samples:
+            raise ValueError(f"{name} state position out of range: epoch {epoch}, sample_offset {offset} "
+                             f"(num_samples {self._num_samples})")
+        if offset + self._global_batch > self._num_samples:  # a larger global batch no longer fits this epoch
+            epoch, offset = epoch + 1, 0
+        self._epoch, self._offset = epoch, offset
         self._prefetch = None  # restart the workers at the loaded position
 
 
-class _BatchByIndex(torch.utils.data.Dataset):
-    """Map-style view of an `EpochBatches` for DataLoader workers: item k is its k-th batch."""
+class _BatchAtPosition(torch.utils.data.Dataset):
+    """Map-style view of an `EpochBatches` for DataLoader workers: the key is an (epoch, offset) position."""
 
     def __init__(self, batches: EpochBatches):
         self.batches = batches
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.batches.batch(index)
+    def __getitem__(self, position: tuple[int, int]) -> torch.Tensor:
+        return self.batches.batch_at(*position)
 
 
 class _Windows:

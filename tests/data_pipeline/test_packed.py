@@ -114,8 +114,7 @@ def test_same_seed_gives_same_stream_and_other_seed_differs():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(seq_len=4), dict(batch_size=2), dict(world_size=2), dict(tokens=_stream(30)), dict(seed=1),
-     dict(shuffle=False)],
+    [dict(seq_len=4), dict(tokens=_stream(30)), dict(seed=1), dict(shuffle=False)],
     ids=lambda c: next(iter(c)),
 )
 def test_loading_state_from_a_different_configuration_raises(change):
@@ -130,9 +129,45 @@ def test_loading_state_from_a_different_configuration_raises(change):
 def test_out_of_range_or_incomplete_state_raises():
     it = PackedBatches(_stream(24), SEQ, 4, seed=0)
     with pytest.raises(ValueError, match="out of range"):
-        it.load_state_dict({**it.state_dict(), "position": it.batches_per_epoch})
+        it.load_state_dict({**it.state_dict(), "sample_offset": it.num_samples})
     with pytest.raises(ValueError, match="missing"):
         it.load_state_dict({"epoch": 0, "position": 0})
+
+
+def _global_steps(world: int, batch: int, state: dict | None, steps: int, tokens) -> list[list[int]]:
+    """The sorted union over `world` ranks of each of the next `steps` batches (after loading `state`)."""
+    iters = [PackedBatches(tokens, SEQ, batch, seed=9, rank=r, world_size=world) for r in range(world)]
+    for it in iters:
+        if state is not None:
+            it.load_state_dict(state)
+    return [sorted(w for it in iters for w in _window_ids(next(it))) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("world,batch", [(1, 8), (4, 2), (8, 1)])
+def test_resume_on_another_rank_count_with_the_same_global_batch_sees_the_same_global_batches(world, batch):
+    """Saved by 2 ranks x 4 after 3 steps, resumed by `world` ranks x `batch` (global batch 8 throughout): every
+    later step consumes exactly the samples the uninterrupted 2-rank run consumes, across an epoch boundary."""
+    tokens = _stream(60)  # 60 windows: 7 global batches of 8 per epoch, 4 dropped
+    uninterrupted = _global_steps(2, 4, None, 12, tokens)
+    saver = [PackedBatches(tokens, SEQ, 4, seed=9, rank=r, world_size=2) for r in range(2)]
+    for it in saver:
+        _take(it, 3)
+    state = json.loads(json.dumps(saver[0].state_dict()))
+    assert state == saver[1].state_dict() and state["sample_offset"] == 24
+    assert _global_steps(world, batch, state, 9, tokens) == uninterrupted[3:]
+
+
+def test_resume_with_another_global_batch_continues_the_same_permutation():
+    """A different global batch (8 -> 5) cannot give the same steps, but it still consumes the rest of the epoch's
+    permutation in order: nothing is repeated or skipped before the (smaller) dropped tail."""
+    tokens = _stream(60)
+    saver = PackedBatches(tokens, SEQ, 4, seed=9, rank=0, world_size=2)
+    _take(saver, 2)  # 16 samples consumed
+    resumed = PackedBatches(tokens, SEQ, 5, seed=9)
+    resumed.load_state_dict(saver.state_dict())
+    rest = [w for b in _take(resumed, 8) for w in _window_ids(b)]  # (60 - 16) // 5 = 8 batches finish the epoch
+    assert rest == saver.permutation(0)[16:56].tolist()
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["sample_offset"] == 0
 
 
 def test_too_short_token_array_raises():

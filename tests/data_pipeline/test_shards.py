@@ -94,8 +94,8 @@ def test_resume_after_k_batches_gives_exactly_the_remaining_batches(shard_dir, k
 
 def test_state_from_another_configuration_is_refused(shard_dir):
     state = _reader(shard_dir).state_dict()
-    with pytest.raises(ValueError, match=r"different configuration \(batch_size: saved 8, now 4\)"):
-        _reader(shard_dir, batch_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"different configuration \(seed: saved 3, now 4\)"):
+        _reader(shard_dir, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="missing"):
         _reader(shard_dir).load_state_dict({"epoch": 0})
 
