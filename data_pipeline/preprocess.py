@@ -33,15 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.corpus import tokenize_documents
-from data_pipeline.shards import FORMATS, ShardError, write_mds, write_webdataset
+from data_pipeline.shards import FORMATS, PADDING_DOCUMENT_ID, ShardError, write_mds, write_webdataset
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 PACKINGS = ("wrap", "documents")
 SPLITS = ("train", "heldout")
-PADDING_DOCUMENT_ID = 2**32 - 1
-"""Document id of padding positions. A fixed sentinel rather than "the next id": padding is EOS, and a document's
-last chunk can be a lone EOS too, so only the id tells a reader which positions to leave out of the loss."""
 # Documents are tokenized in batches of about this much text: big enough that a worker pool pays off, small
 # enough that the progress bar moves.
 _BATCH_CHARS = 16_000_000
@@ -156,20 +153,23 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
         raise PreprocessError(f"{path}: reading parquet needs pyarrow, which is not installed "
                               f"(pip install pyarrow)") from None
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises its own ArrowInvalid / OSError flavours
         raise PreprocessError(f"{path}: not a readable parquet file ({err})") from None
-    if text_field not in table.column_names:
-        raise PreprocessError(f"{path}: no column {text_field!r} (columns: {table.column_names[:10]})")
-    values = table.column(text_field).to_pylist()
-    if not values:
+    if text_field not in parquet.schema_arrow.names:
+        raise PreprocessError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names[:10]})")
+    if parquet.metadata.num_rows == 0:
         raise PreprocessError(f"{path}: empty file (no rows)")
-    for row, text in enumerate(values):
-        if not isinstance(text, str):
-            raise PreprocessError(f"{path}: row {row}: column {text_field!r} is {type(text).__name__}, not a string")
-        if not text.strip():
-            raise PreprocessError(f"{path}: row {row}: column {text_field!r} is empty")
-        yield text
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=[text_field]):  # streamed: files may be large
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise PreprocessError(f"{path}: row {row}: column {text_field!r} is {type(text).__name__}, "
+                                      f"not a string")
+            if not text.strip():
+                raise PreprocessError(f"{path}: row {row}: column {text_field!r} is empty")
+            row += 1
+            yield text
 
 
 def iter_documents(files: Sequence[Path], text_field: str, stats: Stats, on_error: str) -> Iterator[str]:

@@ -5,10 +5,12 @@ Writing: `write_mds` / `write_webdataset` take a `[num_samples, seq_len]` uint32
 fingerprint, and size + sha256 of every file), all into a temporary sibling directory that is renamed into place
 only when complete, so a crashed writer never leaves a half-written dataset under the final name.
 
-Reading: `ShardedSequences` verifies the files against the manifest, then serves samples by *global index* (MDS via
-mosaicml-streaming's shard readers, tar via an in-memory index of member offsets). The visiting order is exactly
-`PackedBatches`' (same per-(seed, epoch) permutation, same `perm[rank::world_size]` striding after trimming to whole
-batches on every rank, same `(epoch, position)` state), so resuming and changing the rank count are index arithmetic.
+Reading: `ShardedSequences` serves samples by *global index* in the order of `EpochBatches` (one per-(seed, epoch)
+permutation, strided over ranks; the resume state is a count of global samples, valid for any rank count). MDS is
+read with mosaicml-streaming: in place from a local or shared-filesystem directory, or through `StreamingDataset`
+from a remote one (s3://, gs://, ...) whose shards it downloads into a local cache on first use; tar shards are
+read from a local or shared filesystem through an in-memory index of member offsets. Every file is checked against the
+manifest's size and sha256: local directories when opened, remote shards when they arrive in the cache.
 """
 
 from __future__ import annotations
@@ -203,16 +205,20 @@ def verify_shards(out_dir: str | os.PathLike, *, checksums: bool = True) -> dict
     out = Path(out_dir)
     manifest = read_manifest(out)
     for entry in manifest["files"]:
-        path = out / entry["name"]
-        if not path.is_file():
-            raise ShardError(f"{path}: missing (listed in {out / MANIFEST_NAME})")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            kind = "truncated" if size < entry["bytes"] else "has the wrong size"
-            raise ShardError(f"{path}: {kind}: {size} bytes, manifest says {entry['bytes']}")
-        if checksums and sha256_file(path) != entry["sha256"]:
-            raise ShardError(f"{path}: corrupt: sha256 differs from {out / MANIFEST_NAME}")
+        _verify_file(out / entry["name"], entry, checksums)
     return manifest
+
+
+def _verify_file(path: Path, entry: dict, checksums: bool) -> None:
+    """Raises `ShardError` naming `path` when it is missing, truncated/resized or (with `checksums`) corrupt."""
+    if not path.is_file():
+        raise ShardError(f"{path}: missing (listed in {path.parent / MANIFEST_NAME})")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        kind = "truncated" if size < entry["bytes"] else "has the wrong size"
+        raise ShardError(f"{path}: {kind}: {size} bytes, manifest says {entry['bytes']}")
+    if checksums and sha256_file(path) != entry["sha256"]:
+        raise ShardError(f"{path}: corrupt: sha256 differs from {path.parent / MANIFEST_NAME}")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -229,29 +235,65 @@ class _ShardSamples:
 
 
 class _MdsSamples(_ShardSamples):
-    """Random access by global index over MDS shards, through mosaicml-streaming's own shard readers."""
+    """Random access by global index over MDS shards, through mosaicml-streaming.
 
-    def __init__(self, root: Path, manifest: dict) -> None:
-        from data_pipeline.streaming_compat import reader_from_json
+    A local directory (or a shared filesystem) is read in place with streaming's own shard readers. With `remote`,
+    `local` is a cache managed by `StreamingDataset`: a shard is downloaded when first needed (one download per
+    node, shared by its ranks and workers) and checked against the manifest before any sample of it is used. Local
+    directories do not go through `StreamingDataset`: there is nothing to download or share, and each instance
+    holds shared-memory handles until the process exits (streaming registers them with atexit).
+    """
+
+    def __init__(self, local: Path, manifest: dict, *, remote: str | None, checksums: bool) -> None:
+        from data_pipeline.streaming_compat import StreamingDataset, reader_from_json
 
         super().__init__(manifest)
-        index = json.loads((root / "index.json").read_text())
+        self._local, self._remote, self._checksums = local, remote, checksums
+        if remote is not None:
+            self._dataset = StreamingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1)
+            shards = self._dataset.shards
+        else:
+            self._dataset = None
+            index = json.loads((local / "index.json").read_text())
+            shards = [reader_from_json(str(local), None, shard) for shard in index["shards"]]
         expected = f"ndarray:{_DTYPE}:{manifest['seq_len']}"
-        self._readers = []
-        for shard in index["shards"]:
-            if shard.get("column_names") != [_MDS_COLUMN] or shard.get("column_encodings") != [expected]:
-                raise ShardError(f"{root / 'index.json'}: shard {shard['raw_data']['basename']} has columns "
-                                 f"{shard.get('column_names')} {shard.get('column_encodings')}, expected "
-                                 f"[{_MDS_COLUMN!r}] [{expected!r}] from {root / MANIFEST_NAME}")
-            self._readers.append(reader_from_json(str(root), None, shard))
-        if [r.samples for r in self._readers] != [s["num_samples"] for s in manifest["shards"]]:
-            raise ShardError(f"{root / 'index.json'}: per-shard sample counts disagree with {root / MANIFEST_NAME}")
-        self._starts = np.cumsum([0] + [r.samples for r in self._readers])
+        for shard in shards:
+            if shard.column_names != [_MDS_COLUMN] or shard.column_encodings != [expected]:
+                raise ShardError(f"{local / 'index.json'}: shard {self._basename(shard)} has columns "
+                                 f"{shard.column_names} {shard.column_encodings}, expected [{_MDS_COLUMN!r}] "
+                                 f"[{expected!r}] from the manifest")
+        if [shard.samples for shard in shards] != [s["num_samples"] for s in manifest["shards"]]:
+            raise ShardError(f"{local / 'index.json'}: per-shard sample counts disagree with the manifest")
+        self._shards = shards
+        self._starts = np.cumsum([0] + [shard.samples for shard in shards])
+        self._entries = {entry["name"]: entry for entry in manifest["files"]}
+        self._verified = set() if remote is not None else set(range(len(shards)))  # local: checked when opened
+
+    @staticmethod
+    def _basename(shard) -> str:
+        return shard.file_pairs[0][0].basename
+
+    def _ensure_verified(self, shard_id: int) -> None:
+        self._dataset.prepare_shard(shard_id)  # downloads it into the cache if it is not there yet
+        name = self._basename(self._shards[shard_id])
+        try:
+            _verify_file(self._local / name, self._entries[name], self._checksums)
+        except ShardError as err:
+            (self._local / name).unlink(missing_ok=True)  # never leave a bad copy in the cache
+            raise ShardError(f"{err} (downloaded from {self._remote}/{name})") from None
+        self._verified.add(shard_id)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         shard_ids = np.searchsorted(self._starts, indices, side="right") - 1
-        return np.stack([self._readers[s].get_item(int(i - self._starts[s]))[_MDS_COLUMN]
-                         for i, s in zip(indices, shard_ids)])
+        rows = []
+        for i, shard_id in zip(indices, shard_ids):
+            if shard_id not in self._verified:
+                self._ensure_verified(int(shard_id))
+            if self._dataset is not None:
+                rows.append(self._dataset.get_item(int(i))[_MDS_COLUMN])
+            else:
+                rows.append(self._shards[shard_id].get_item(int(i - self._starts[shard_id]))[_MDS_COLUMN])
+        return np.stack(rows)
 
 
 class _TarSamples(_ShardSamples):
@@ -303,15 +345,71 @@ class _TarSamples(_ShardSamples):
             f.close()
 
 
+PADDING_DOCUMENT_ID = 2**32 - 1
+"""Document id of padding positions. A fixed sentinel rather than "the next id": padding is EOS, and a document's
+last chunk can be a lone EOS too, so only the id tells a reader which positions to leave out of the loss."""
+DOCUMENT_IDS_SUFFIX = "_documents"
+"""`<split>_documents/` beside `<split>/` holds per-position document ids of `documents` packing (preprocess.py)."""
+
+
+def _open_samples(path: Path, remote: str | None, *, seq_len: int, expected_tokenizer_fingerprint: str | None,
+                  format: str | None, verify_checksums: bool) -> tuple[dict, _ShardSamples]:
+    """Checks one shard directory (local, or remote with `path` as its cache) and returns (manifest, source)."""
+    if remote is not None:
+        from data_pipeline.streaming_compat import download_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            download_file(f"{remote}/{MANIFEST_NAME}", str(path / MANIFEST_NAME), 60.0)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise ShardError(f"{remote}/{MANIFEST_NAME}: cannot fetch the manifest ({err})") from None
+        manifest = read_manifest(path)  # the shards themselves are checked as they arrive
+    else:
+        manifest = verify_shards(path, checksums=verify_checksums)
+    where = f"{remote}/{MANIFEST_NAME}" if remote is not None else str(path / MANIFEST_NAME)
+    mismatches = []
+    if manifest["seq_len"] != seq_len:
+        mismatches.append(f"seq_len: manifest {manifest['seq_len']}, expected {seq_len}")
+    if manifest["dtype"] != _DTYPE:
+        mismatches.append(f"dtype: manifest {manifest['dtype']!r}, expected {_DTYPE!r}")
+    if format is not None and manifest["format"] != format:
+        mismatches.append(f"format: manifest {manifest['format']!r}, expected {format!r}")
+    if (expected_tokenizer_fingerprint is not None
+            and manifest.get("tokenizer_fingerprint") != expected_tokenizer_fingerprint):
+        mismatches.append(f"tokenizer_fingerprint: manifest {manifest.get('tokenizer_fingerprint')!r}, "
+                          f"expected {expected_tokenizer_fingerprint!r}")
+    if mismatches:
+        raise ShardError(f"{where} does not match this reader: " + "; ".join(mismatches))
+    if manifest["format"] == "mds":
+        return manifest, _MdsSamples(path, manifest, remote=remote, checksums=verify_checksums)
+    if remote is not None:
+        raise ShardError(f"{where}: remote streaming reads MDS shards; put webdataset shards on a shared "
+                         f"filesystem and pass its path instead")
+    return manifest, _TarSamples(path, manifest)
+
+
+class _WithDocumentIds:
+    """Two sources of the same samples stacked per row: [n, 2, seq_len] = (tokens, document ids)."""
+
+    def __init__(self, tokens: _ShardSamples, document_ids: _ShardSamples) -> None:
+        self.tokens, self.document_ids = tokens, document_ids
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self.tokens.get(indices), self.document_ids.get(indices)], axis=1)
+
+
 class ShardedSequences(EpochBatches):
-    """`EpochBatches` over the samples of a verified shard directory: the same order, rank striding and resume
-    state as `PackedBatches`, so shards written from its windows give identical batches."""
+    """`EpochBatches` over the samples of a checked shard directory, local or remote."""
 
     def __init__(self, path: str | os.PathLike, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, expected_tokenizer_fingerprint: str | None = None,
-                 format: str | None = None, verify_checksums: bool = True, num_workers: int = 0) -> None:
+                 format: str | None = None, verify_checksums: bool = True, num_workers: int = 0,
+                 remote: str | None = None, document_ids: bool = False) -> None:
         """Args:
-        path: directory written by `write_mds` / `write_webdataset`.
+        path: directory written by `write_mds` / `write_webdataset`; with `remote`, the local cache directory.
         seq_len: tokens per sample the caller expects; must equal the manifest's.
         batch_size: samples per batch, per rank.
         seed: base seed of the per-epoch permutations.
@@ -320,31 +418,30 @@ class ShardedSequences(EpochBatches):
         shuffle: permute samples each epoch and iterate forever; False keeps order and stops after one pass.
         expected_tokenizer_fingerprint: if given, must equal the manifest's tokenizer fingerprint.
         format: if given ("mds" or "webdataset"), must equal the manifest's format.
-        verify_checksums: recompute every file's sha256 at construction (sizes are always checked).
+        verify_checksums: check every file's sha256 (local: at construction; remote: as each shard arrives).
+            Sizes are always checked.
         num_workers: DataLoader worker processes reading ahead (see `EpochBatches`).
+        remote: MDS shard directory on remote storage (any URL mosaicml-streaming downloads from, or a path on
+            a shared filesystem); shards are copied into `path` on first use.
+        document_ids: also read the per-position document ids of `documents` packing from the sibling
+            `<path>_documents` (and `<remote>_documents`); batches are then `[b, 2, seq_len]` (tokens, ids).
 
         Raises:
             ShardError: missing/corrupt/truncated files, or a manifest whose seq_len, tokenizer fingerprint,
                 format or dtype differs from what the caller expects.
         """
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST_NAME
-        manifest = verify_shards(self.path, checksums=verify_checksums)
-        mismatches = []
-        if manifest["seq_len"] != seq_len:
-            mismatches.append(f"seq_len: manifest {manifest['seq_len']}, expected {seq_len}")
-        if manifest["dtype"] != _DTYPE:
-            mismatches.append(f"dtype: manifest {manifest['dtype']!r}, expected {_DTYPE!r}")
-        if format is not None and manifest["format"] != format:
-            mismatches.append(f"format: manifest {manifest['format']!r}, expected {format!r}")
-        if (expected_tokenizer_fingerprint is not None
-                and manifest.get("tokenizer_fingerprint") != expected_tokenizer_fingerprint):
-            mismatches.append(f"tokenizer_fingerprint: manifest {manifest.get('tokenizer_fingerprint')!r}, "
-                              f"expected {expected_tokenizer_fingerprint!r}")
-        if mismatches:
-            raise ShardError(f"{manifest_path} does not match this reader: " + "; ".join(mismatches))
-        self.manifest = manifest
-        source = _MdsSamples(self.path, manifest) if manifest["format"] == "mds" else _TarSamples(self.path, manifest)
+        check = dict(seq_len=seq_len, expected_tokenizer_fingerprint=expected_tokenizer_fingerprint, format=format,
+                     verify_checksums=verify_checksums)
+        self.manifest, source = _open_samples(self.path, remote, **check)
+        if document_ids:
+            ids_path = self.path.with_name(self.path.name + DOCUMENT_IDS_SUFFIX)
+            ids_remote = None if remote is None else remote.rstrip("/") + DOCUMENT_IDS_SUFFIX
+            ids_manifest, ids_source = _open_samples(ids_path, ids_remote, **check)
+            if ids_manifest["num_samples"] != self.manifest["num_samples"]:
+                raise ShardError(f"{ids_path}: {ids_manifest['num_samples']} rows of document ids for "
+                                 f"{self.manifest['num_samples']} samples in {self.path}")
+            source = _WithDocumentIds(source, ids_source)
         super().__init__(source, seq_len, batch_size, seed, shuffle, rank, world_size, num_workers)
 
     def _too_short_message(self) -> str:
@@ -356,7 +453,7 @@ class ShardedSequences(EpochBatches):
         return self.manifest["format"]
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """Sample `index` (global, stored order) as a LongTensor `[seq_len]`."""
+        """Sample `index` (global, stored order) as a LongTensor `[seq_len]` (`[2, seq_len]` with document ids)."""
         if not 0 <= index < self._num_samples:
             raise IndexError(f"sample {index} outside [0, {self._num_samples})")
         return torch.from_numpy(self.source.get(np.asarray([index]))[0].astype(np.int64))

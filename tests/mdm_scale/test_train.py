@@ -62,3 +62,44 @@ def test_trains_from_user_shards_in_data_path(dims, tmp_path):
         write_webdataset(rows, tmp_path / "data" / split, tokenizer_fingerprint=load_tokenizer("byte").fingerprint())
     result = train(_cfg(tmp_path, "user", "train.steps=2", f"data.path={tmp_path / 'data'}"))
     assert sorted(result.losses) == [1, 2]
+
+
+def _preprocessed(tmp_path, pack: str):
+    """The committed public-domain sample as 300 short documents (sentences of 8-30 characters, so `documents`
+    packing puts several in each 32-byte window), preprocessed with `pack`."""
+    import re
+    from pathlib import Path
+
+    from data_pipeline.preprocess import preprocess
+
+    text = (Path(__file__).parents[1] / "data" / "public_domain_sample.txt").read_text()
+    paragraphs = [p.strip() for p in re.split(r"[.;:!?]\s+", text) if 8 <= len(p.strip()) <= 30][:300]
+    assert len(paragraphs) == 300
+    docs = tmp_path / f"docs-{pack}"
+    docs.mkdir()
+    for i, p in enumerate(paragraphs):
+        (docs / f"{i:03d}.txt").write_text(p)
+    out = tmp_path / f"data-{pack}"
+    preprocess([docs], out, tokenizer="byte", seq_len=32, pack=pack, heldout_every=5, progress=False)
+    return out
+
+
+def test_document_packed_shards_train_with_document_masks(dims, tmp_path):
+    import shutil
+
+    data = _preprocessed(tmp_path, "documents")
+    assert (data / "train_documents").is_dir()
+    with_ids = train(_cfg(tmp_path, "docs", "train.steps=3", f"data.path={data}"))
+    for split in ("train", "heldout"):  # the same tokens without their document ids: one sequence per row
+        shutil.rmtree(data / f"{split}_documents")
+    without = train(_cfg(tmp_path, "nodocs", "train.steps=3", f"data.path={data}"))
+    assert sorted(with_ids.losses) == [1, 2, 3] and all(v < 1e4 for v in with_ids.losses.values())
+    assert with_ids.losses[1] != without.losses[1] and with_ids.evals[0] != without.evals[0]
+
+
+def test_remote_data_trains_exactly_like_the_same_shards_on_disk(dims, tmp_path):
+    data = _preprocessed(tmp_path, "wrap")
+    on_disk = train(_cfg(tmp_path, "disk", "train.steps=3", f"data.path={data}"))
+    remote = train(_cfg(tmp_path, "remote", "train.steps=3", f"data.remote={data}"))
+    assert remote.losses == on_disk.losses and remote.evals == on_disk.evals
+    assert list((tmp_path / "cache").glob("remote-*/train/*.mds"))  # streamed into the cache

@@ -37,9 +37,9 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
                 for n, p in model.named_parameters():
                     p.copy_(reference[name]["weights"][names[n]])
         batches = [torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
-        masks = [packed_documents(4, 16)] * len(batches) if documents else None
+        documents_ids = [packed_documents(4, 16)] * len(batches) if documents else None
         losses = pipeline_nelbo(denoiser, schedule, batches, cfg.objective, torch.Generator().manual_seed(3),
-                                attention_masks=masks)
+                                document_ids=documents_ids)
         out[name] = {
             "losses": losses,
             "grads": {names[n]: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},

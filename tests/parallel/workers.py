@@ -31,12 +31,15 @@ def nelbo_gradients(rank: int, objectives: list[str], tensor_parallel: int) -> d
 
 
 def packed_documents(batch_size: int, seq_len: int) -> torch.Tensor:
-    """[b, 1, l, l] document mask of sequences packing three documents each, with boundaries varying by row."""
-    from mdm_scale.denoiser import document_attention_mask
+    """[b, l] document ids of sequences packing three documents each, with boundaries varying by row; odd rows end
+    in two positions of padding (no loss)."""
+    from data_pipeline.shards import PADDING_DOCUMENT_ID
 
     positions = torch.arange(seq_len)[None, :]
     cuts = torch.tensor([[3 + r, 9 + r] for r in range(batch_size)])  # [b, 2]
-    return document_attention_mask((positions >= cuts[:, :1]).long() + (positions >= cuts[:, 1:]).long())
+    ids = (positions >= cuts[:, :1]).long() + (positions >= cuts[:, 1:]).long()
+    ids[1::2, -2:] = PADDING_DOCUMENT_ID
+    return ids
 
 
 def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
@@ -57,7 +60,7 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     x0 = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(2))
     terms = training_nelbo(model["denoiser"], model["schedule"], x0, cfg.objective, torch.Generator().manual_seed(3),
-                           attention_mask=packed_documents(8, 16) if documents else None)
+                           document_ids=packed_documents(8, 16) if documents else None)
     terms.loss.backward()
     grads = {n: full_tensor(p.grad) if p.grad is not None else None for n, p in model.named_parameters()}
     for n, p in model.named_parameters():  # full_tensor reads the sharding attributes from the parameter
