@@ -3,7 +3,8 @@
     python launchers/local.py config=tiny [objective=lomdm] [key=value ...]
     torchrun --nproc-per-node 2 launchers/local.py config=tiny parallel.tensor_parallel=2
 
-Only parses, builds, trains and closes; the loop lives in mdm_scale/train.py.
+Only parses, builds, trains and closes; the loop lives in mdm_scale/train.py. SIGUSR1 (or SIGUSR2) stops the run
+after the current step with a checkpoint; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -32,15 +33,18 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from mdm_scale.train import train
+    from mdm_scale.jobs import run
 
-    result = train(cfg)
+    result = run(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
-    if result.evals:
-        first, last = result.evals[min(result.evals)], result.evals[max(result.evals)]
+    evals = result["evals"]
+    if len(evals) > 1:
+        first, last = evals[min(evals)], evals[max(evals)]
         print(f"eval NELBO {first:.3f} -> {last:.3f} ({100 * (first - last) / first:.1f}% lower)")
-    print(f"checkpoint: {result.checkpoint}")
+    if result["stopped_by_signal"]:
+        print(f"stopped at step {result['step']} by a signal; run the same command to resume")
+    print(f"checkpoint: {result['checkpoint']}")
     return 0
 
 

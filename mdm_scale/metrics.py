@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -17,6 +19,8 @@ class MetricsLogger:
     run_dir: wandb writes its offline run under here.
     total_steps / start_step: for the progress bar and ETA.
     enabled: False on non-main ranks (nothing is printed or logged there).
+
+    Every logged metric also goes to <run_dir>/metrics.jsonl (one JSON object per step, appended across resumes).
     """
 
     def __init__(self, cfg: LoggingConfig, *, run_dir: str, run_name: str, config: dict, total_steps: int,
@@ -37,6 +41,7 @@ class MetricsLogger:
             if enabled and cfg.progress else None
         )
         self._last_time, self._tokens = time.perf_counter(), 0
+        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
 
     def step(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         """Record one optimizer step that consumed `tokens` tokens (across all ranks)."""
@@ -57,7 +62,11 @@ class MetricsLogger:
         self.log(step, {f"train/{k}": v for k, v in metrics.items()})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if self.enabled and self.wandb_run is not None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
     def write(self, line: str) -> None:
@@ -69,6 +78,8 @@ class MetricsLogger:
             print(line, flush=True)
 
     def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self.bar is not None:
             self.bar.close()
         if self.wandb_run is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,17 +18,18 @@ from torch import nn
 
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
-from mdm_scale.config import ConfigError, RunConfig, to_yaml
+from mdm_scale.config import ConfigError, RunConfig, check_layout, to_yaml
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
 from mdm_scale.metrics import MetricsLogger
 from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
+from mdm_scale.preemption import StopRequest
 from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
 from parallel.checkpoint import latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
-from parallel.distributed import ParallelDims, init_distributed
+from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
 
 
@@ -40,6 +42,8 @@ class TrainResult:
     """Held-out NELBO per evaluated step."""
     checkpoint: str | None = None
     samples: list[str] = field(default_factory=list)
+    stopped: bool = False
+    """True when a signal (StopRequest) ended the run early, after a checkpoint."""
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -107,8 +111,13 @@ def _restore_trainer_state(state, generator, batches) -> None:
     batches.load_state_dict(state["data"])
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Train (or resume) the run described by `cfg`; returns losses, evals, checkpoint path and samples."""
+def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; returns losses, evals, checkpoint path and samples.
+
+    With `stop`, a signal recorded by it ends the run after the current step with a checkpoint
+    (`TrainResult.stopped`); running the same config again resumes there.
+    """
+    check_layout(cfg, world_size_from_env())
     dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
                             pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
                             seed=cfg.train.seed)
@@ -187,11 +196,11 @@ def train(cfg: RunConfig) -> TrainResult:
 
     if step == 0:
         evaluate()
-    stop = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
+    last_step = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     model.train()
     dp = {"data_parallel_rank": dp_rank, "data_parallel_size": dp_size,
           "data_parallel_group": parallel_state.get_data_parallel_group()}
-    while step < stop:
+    while step < last_step:
         # One optimizer step over grad_accumulation micro-batches [b, l].
         # Tokens, and document ids when the data was packed per document (then attention stays in a document).
         split = [split_document_ids(next(batches).to(dims.device)) for _ in range(cfg.data.grad_accumulation)]
@@ -219,6 +228,11 @@ def train(cfg: RunConfig) -> TrainResult:
             evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             checkpoint()
+        if stop is not None and step < last_step and stop.agreed(dims.device):
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal on another rank"
+            logger.write(f"stopping at step {step} on signal {name}: checkpoint, then resume from it")
+            result.stopped = True
+            break
     if step >= cfg.train.steps and step not in result.evals:
         evaluate()
     if result.checkpoint is None or not result.checkpoint.endswith(f"{step:08d}"):

@@ -47,6 +47,11 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def world_size_from_env() -> int:
+    """The job's number of processes as torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS) announce it; 1 alone."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
 def init_distributed(
     *, tensor_parallel: int = 1, pipeline_parallel: int = 1, device: str = "auto", seed: int = 0
 ) -> ParallelDims:
@@ -66,7 +71,7 @@ def init_distributed(
 
         cpu_compat.apply()
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    world = world_size_from_env()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(

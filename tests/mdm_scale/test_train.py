@@ -103,3 +103,25 @@ def test_remote_data_trains_exactly_like_the_same_shards_on_disk(dims, tmp_path)
     remote = train(_cfg(tmp_path, "remote", "train.steps=3", f"data.remote={data}"))
     assert remote.losses == on_disk.losses and remote.evals == on_disk.evals
     assert list((tmp_path / "cache").glob("remote-*/train/*.mds"))  # streamed into the cache
+
+
+def test_sigusr1_stops_after_the_step_with_a_checkpoint_and_the_rerun_continues_exactly(dims, tmp_path):
+    import os
+    import signal
+
+    from mdm_scale.preemption import StopRequest
+
+    full = train(_cfg(tmp_path, "full", "train.steps=4"))
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, as SLURM sends it before the time limit
+        assert stop.signum == signal.SIGUSR1
+        first = train(_cfg(tmp_path, "split", "train.steps=4"), stop=stop)
+    finally:
+        for sig, handler in stop.previous.items():
+            signal.signal(sig, handler)
+    assert first.stopped and sorted(first.losses) == [1] and first.checkpoint.endswith("step_00000001")
+    assert first.samples == []  # an interrupted run does not sample
+    resumed = train(_cfg(tmp_path, "split", "train.steps=4"))
+    assert not resumed.stopped and sorted(resumed.losses) == [2, 3, 4]
+    assert [resumed.losses[s] for s in (2, 3, 4)] == [full.losses[s] for s in (2, 3, 4)]
