@@ -84,6 +84,19 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     return stage.to(dims.device)
 
 
+def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
+    """AdamW with warm-up + cosine decay, wrapped by the engine `cfg.parallel` asks for (plain, or DeepSpeed ZeRO)."""
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
+    )
+    return build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
+                        grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size,
+                        pipeline_parallel=dims.pipeline_parallel)
+
+
 def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig, remote: str | None) -> list[torch.Tensor]:
     """A fixed random sample of held-out windows (seed 0), spread over every source of the held-out split."""
     heldout = open_split(data_root, "heldout", tokenizer, seq_len=cfg.data.seq_len,
@@ -153,15 +166,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tokenizer.vocab_size, dims)
     denoiser, schedule = model["denoiser"], model["schedule"]
-    opt = cfg.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
-    )
-    engine = build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
-                          grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size,
-                          pipeline_parallel=dims.pipeline_parallel)
+    engine = build_training_engine(model, cfg, dims)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     step = 0
     ckpt_dir = run_dir / "checkpoints"
