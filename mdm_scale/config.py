@@ -192,6 +192,10 @@ class TrainConfig:
     """auto | cpu | cuda."""
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
+    nonfinite: str = "stop"
+    """A NaN/inf loss or gradient, found before the optimizer applies it: stop (raise FloatingPointError naming
+    the step; nothing is updated or saved, the last checkpoint stays good) | skip (drop the step's gradients: no
+    update, no LR-schedule step; data and noise move on as usual; logged and listed in TrainResult.skipped)."""
 
 
 @dataclass
@@ -200,6 +204,8 @@ class RunConfig:
     """Run name (progress bar, wandb, default run directory)."""
     run_dir: str = "runs/${name}"
     """Checkpoints, resolved config and logs go here."""
+    kernels: str = "auto"
+    """Loss-head kernels: auto (Triton on GPU, torch on CPU) | triton | torch (docs/kernels.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -25,6 +25,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor, nn
 
 from mdm_scale.config import ModelConfig
+from mdm_scale.kernels import BACKENDS as KERNEL_BACKENDS
+from mdm_scale.kernels.linear_cross_entropy import denoiser_weighted_nll
 from parallel.layer_spec import denoiser_layer_spec, transformer_engine_available
 
 PAD_LOGIT = -1e9
@@ -105,11 +107,12 @@ class Denoiser(MegatronModule):
         pipeline_parallel_size: PP size; with PP > 1 each stage builds its share of the blocks, the first
             stage the embedding and the last stage the final norm, output head and scheduler heads.
         on_gpu: enable fused kernels / Transformer Engine where available.
+        kernels: the loss head's kernels, "auto" | "triton" | "torch" (mdm_scale/kernels).
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, on_gpu: bool = False,
-                 causal: bool = False):
+                 causal: bool = False, kernels: str = "auto"):
         config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu)
         super().__init__(config=config)
@@ -148,6 +151,9 @@ class Denoiser(MegatronModule):
                 {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
             )
         self.causal = causal
+        if kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_BACKENDS)}")
+        self.kernels = kernels
 
     def _vocab_slice(self, shard_width: int) -> tuple[int, int]:
         rank = parallel_state.get_tensor_model_parallel_rank() if self.config.tensor_model_parallel_size > 1 else 0
@@ -194,6 +200,13 @@ class Denoiser(MegatronModule):
             pad = torch.arange(lo, hi, device=logits.device) >= self.vocab_size
             logits = logits.masked_fill(pad, PAD_LOGIT)
         return logits
+
+    def weighted_nll(self, hidden: Tensor, targets: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """sum_i row_weight_i * (-log p(targets_i)) from [n, h] features (the masked positions: SUBS needs no
+        others) through the output head, fused and chunked so no [n, V] logits tensor exists at once; vocab-parallel
+        under TP. Returns (that sum, with gradients for the features, the head and the row weights; per-row NLL [n],
+        detached)."""
+        return denoiser_weighted_nll(self, hidden, targets, row_weight, backend=self.kernels)
 
     def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
         """[b, l] logits of scheduler head `name` from features; gradients stop at the backbone."""

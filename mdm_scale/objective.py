@@ -16,7 +16,7 @@ from torch import Tensor
 
 from data_pipeline.shards import PADDING_DOCUMENT_ID
 from mdm_scale.config import ObjectiveConfig
-from mdm_scale.denoiser import Denoiser, document_attention_mask, token_nll
+from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.time_sampling import sample_times
@@ -40,14 +40,6 @@ class NelboTerms:
 def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
     """A (log A - log A_hat) - (A - A_hat): >= 0 (log x <= x - 1), and exactly 0 where A_hat = A."""
     return velocity * (velocity.log() - predicted.log()) - (velocity - predicted)
-
-
-def masked_token_nll(denoiser: Denoiser, hidden: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
-    """[n] NLL of targets from [n, h] features of masked positions only (the loss needs no others), in chunks
-    so that no [n, V] logits tensor is materialised at once (each chunk's logits stay below ~32 MB)."""
-    if len(targets) == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat([token_nll(denoiser.output_logits(h), y) for h, y in zip(hidden.split(chunk), targets.split(chunk))])
 
 
 def document_masks(document_ids: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -106,30 +98,31 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     x0, t, masking = noised.x0, noised.t, noised.masking
     masked = noised.masked if loss_mask is None else noised.masked & loss_mask
     b, l = x0.shape
-    # SUBS: unmasked positions copy their input, so only masked positions need logits.
-    nll = torch.zeros(b, l, dtype=torch.float32, device=x0.device)
-    nll[masked] = masked_token_nll(denoiser, hidden[masked], x0[masked])
-
     # Weight: A_i(t) at masked positions, times the importance weight of t.
-    weight = (masking.weight * noised.t_weight[:, None]).to(nll.dtype) * masked  # [b, l]
-    reconstruction = (weight * nll).sum(-1)  # [b]
+    weight = (masking.weight * noised.t_weight[:, None]).to(torch.float32)  # [b, l]
+    # SUBS: unmasked positions copy their input, so only masked positions need logits; the fused head returns
+    # sum_i weight_i NLL_i (gradients for features, head and weights) and the per-position NLL.
+    rows = masked.nonzero(as_tuple=True)
+    weighted_sum, nll = denoiser.weighted_nll(hidden[rows], x0[rows], weight[rows])
+    reconstruction = torch.zeros(b, dtype=torch.float32, device=x0.device).index_add_(
+        0, rows[0], weight[rows].detach() * nll)  # [b], detached
     velocity = torch.zeros_like(reconstruction)
     if isinstance(schedule, StateDependentSchedule):
         w = masking.exponents  # [b, l]
         w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
         # A = w / t and A_hat = w_hat / t share the 1/t factor, which becomes part of the weight.
-        inv_t = (noised.t_weight / t)[:, None].to(nll.dtype)
-        velocity = (masked * inv_t * velocity_matching(w.to(nll.dtype), w_hat)).sum(-1)
-    per_sequence = reconstruction + velocity_weight * velocity  # [b]
+        inv_t = (noised.t_weight / t)[:, None].to(torch.float32)
+        velocity = (masked * inv_t * velocity_matching(w.to(torch.float32), w_hat)).sum(-1)
+    per_sequence = reconstruction + velocity_weight * velocity.detach()  # [b], detached
 
     # Normalise per token (MDLM: over all tokens, masked or not).
     num_tokens = b * l if loss_mask is None else loss_mask.sum().clamp_min(1)
     value = per_sequence.sum() / num_tokens
-    loss = value
+    loss = (weighted_sum + velocity_weight * velocity.sum()) / num_tokens
     if schedule.learned and score_function:
         log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
         log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
-        reward = per_sequence.detach().to(torch.float64)
+        reward = per_sequence.to(torch.float64)
         totals = torch.stack([reward.sum(), torch.tensor(float(b), dtype=torch.float64, device=reward.device)])
         if reduce_group is not None:
             torch.distributed.all_reduce(totals, group=reduce_group)
@@ -140,9 +133,9 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         loss = loss + surrogate.to(loss.dtype)
     return NelboTerms(
         loss=loss,
-        nelbo=value.detach(),
-        per_sequence=per_sequence.detach(),
-        reconstruction=reconstruction.detach().sum() / num_tokens,
+        nelbo=value,
+        per_sequence=per_sequence,
+        reconstruction=reconstruction.sum() / num_tokens,
         velocity=velocity.detach().sum() / num_tokens,
         masked_fraction=masked.float().mean(),
     )
