@@ -9,9 +9,12 @@ resumes from the newest complete checkpoint in its run directory (`checkpoint.re
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mdm_scale.config import RunConfig
+
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -34,7 +37,10 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
-        # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (first node), MASTER_PORT (from the job id).
+        # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (first node), MASTER_PORT (from the job id),
+        # derived from this job's SLURM variables; values sbatch copied from the submitting shell do not apply.
+        for key in DISTRIBUTED_ENV:
+            os.environ.pop(key, None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         outcome = run(self.cfg)
         handlers = outcome.pop("previous_handlers")

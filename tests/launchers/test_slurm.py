@@ -26,6 +26,8 @@ TINY = [
 
 
 def _launch(*args: str, env=None) -> subprocess.CompletedProcess:
+    """launchers/slurm.py in a subprocess. The test session's own MASTER_ADDR etc. (set by in-process tests) stay in
+    `env`, as a user's shell may hold them: sbatch copies them into the job, which must ignore them."""
     return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
 
 
