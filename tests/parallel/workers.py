@@ -111,3 +111,10 @@ def _numel(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_numel(v) for v in obj)
     return 0
+
+
+def evaluate_run(rank: int, checkpoint: str, kwargs: dict) -> dict:
+    """`python -m mdm_scale.evaluation`'s work on this rank (the result is all-reduced: equal on every rank)."""
+    from mdm_scale.evaluation import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, **kwargs)
