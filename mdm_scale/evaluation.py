@@ -100,20 +100,11 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     import torch.distributed as dist
 
     from data_pipeline.datasets import open_split, remote_cache_root
-    from data_pipeline.tokenizer import load_tokenizer
-    from mdm_scale.export import run_config_of
+    from mdm_scale.export import load_for_inference
     from mdm_scale.schedules.block import BlockSchedule
-    from mdm_scale.train import build_model
-    from parallel.consolidate import consolidate, model_layout, to_local
-    from parallel.distributed import init_distributed
 
-    cfg = run_config_of(Path(checkpoint))
-    cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1  # one full model per rank
-    dims = init_distributed(device=cfg.train.device, seed=cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg, tokenizer.vocab_size, dims)
-    model.load_state_dict(to_local(consolidate(checkpoint), model_layout(model)))
-    denoiser, schedule = model["denoiser"].eval(), model["schedule"]
+    cfg, tokenizer, model, dims = load_for_inference(checkpoint)
+    denoiser, schedule = model["denoiser"], model["schedule"]
     remote = None if data_path else (cfg.data.remote or None)
     if data_path:
         root = Path(data_path).expanduser()

@@ -66,6 +66,22 @@ def run_config_of(checkpoint: Path) -> RunConfig:
     return load_config(path)
 
 
+def load_for_inference(checkpoint: str | Path):
+    """(run config, tokenizer, model ModuleDict{denoiser, schedule} in eval mode, ParallelDims): the checkpoint's
+    weights consolidated into one full model on this rank (TP = PP = 1), for evaluation and sampling."""
+    from mdm_scale.train import build_model
+    from parallel.consolidate import model_layout, to_local
+    from parallel.distributed import init_distributed
+
+    cfg = run_config_of(Path(checkpoint))
+    cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
+    dims = init_distributed(device=cfg.train.device, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg, tokenizer.vocab_size, dims)
+    model.load_state_dict(to_local(consolidate(checkpoint), model_layout(model)))
+    return cfg, tokenizer, model.eval(), dims
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, *, cfg: RunConfig | None = None,
            overwrite: bool = False) -> Path:
     """Write the serving directory for `checkpoint` (verified first) into `out_dir`; returns `out_dir`."""

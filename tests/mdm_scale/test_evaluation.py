@@ -51,3 +51,13 @@ def test_cli_prints_the_summary(dims, ar_checkpoint, capsys):
     assert main([ar_checkpoint, "--batches", "1", "--time-samples", "2"]) == 0
     line = capsys.readouterr().out
     assert line.startswith("heldout: NELBO ") and "bits/token" in line and "exact AR NLL" in line
+
+
+def test_sampling_cli_generates_from_a_checkpoint_with_a_prompt(dims, ar_checkpoint, capsys):
+    from mdm_scale.sampling import main as sample
+
+    assert sample([ar_checkpoint, "--num-samples", "2", "--nfe", "16", "--prompt", "The ", "--top-p", "0.9"]) == 0
+    out = capsys.readouterr().out
+    samples = [block.split("\n", 1)[1] for block in out.split("--- sample ")[1:]]
+    assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
+    assert "NFE 16," in out and "tokens/s" in out

@@ -43,3 +43,13 @@ def test_left_to_right_sampler_with_nfe_equal_length_reveals_one_position_per_st
                      generator=torch.Generator().manual_seed(0))
     counts = torch.stack(revealed)[:, 0].tolist()
     assert counts == list(range(16))  # before step k exactly k positions are clean
+
+
+def test_nucleus_keeps_the_smallest_top_set_and_renormalises():
+    from mdm_scale.sampling import nucleus
+
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.97, 0.01, 0.01, 0.01]])
+    out = nucleus(probs, 0.7)
+    assert torch.allclose(out[0], torch.tensor([0.0, 0.5, 0.0, 0.25]) / 0.75)
+    assert torch.equal(out[1], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(nucleus(probs, 1.0), probs)
