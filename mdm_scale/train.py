@@ -21,13 +21,14 @@ from data_pipeline.tokenizer import load_tokenizer
 from mdm_scale.config import ConfigError, RunConfig, check_layout, to_yaml
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
+from mdm_scale.kernels import resolve_backend
 from mdm_scale.metrics import MetricsLogger
 from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.preemption import StopRequest
 from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
-from parallel.checkpoint import latest_checkpoint, save_checkpoint
+from parallel.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
@@ -44,6 +45,8 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     stopped: bool = False
     """True when a signal (StopRequest) ended the run early, after a checkpoint."""
+    skipped: list[int] = field(default_factory=list)
+    """Steps of this call dropped for a non-finite loss or gradient (train.nonfinite=skip)."""
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -61,6 +64,7 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
     the weights PP = 1 would have (megatron would otherwise give each stage the RNG stream of stage 0). This
     costs one transient full copy per rank at start-up.
     """
+    resolve_backend(cfg.kernels, dims.device)  # kernels=triton without a GPU (or Triton) fails here, not mid-step
 
     def build(pipeline_parallel: int) -> nn.ModuleDict:
         schedule = build_schedule(cfg.objective.schedule, max_seq_len=cfg.data.seq_len)
@@ -68,7 +72,7 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
         denoiser = Denoiser(
             cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
             tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
-            on_gpu=dims.device.type == "cuda",
+            on_gpu=dims.device.type == "cuda", kernels=cfg.kernels,
         )
         return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
 
@@ -131,6 +135,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     (`TrainResult.stopped`); running the same config again resumes there.
     """
     check_layout(cfg, world_size_from_env())
+    if cfg.train.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
     dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
                             pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
                             seed=cfg.train.seed)
@@ -193,10 +199,19 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
         logger.write(f"eval step {step}: nelbo {metrics['nelbo']:.4f} ppl<= {metrics['ppl_bound']:.1f}")
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
 
-    def checkpoint() -> None:
-        path = save_checkpoint(ckpt_dir, step, model=to_global(model.state_dict(), layout),
-                               optimizer=engine.optimizer_state(), trainer=_trainer_state(step, generator, batches),
-                               shard=shard, keep=cfg.checkpoint.keep, metadata=partition_dims(layout))
+    def checkpoint(final: bool = False) -> None:
+        """A failed save (disk full, ...) leaves the earlier checkpoints intact: a periodic one is reported and
+        retried at the next interval; the final one (end of run or stop signal) stops the run with the error."""
+        try:
+            path = save_checkpoint(ckpt_dir, step, model=to_global(model.state_dict(), layout),
+                                   optimizer=engine.optimizer_state(),
+                                   trainer=_trainer_state(step, generator, batches), shard=shard,
+                                   keep=cfg.checkpoint.keep, metadata=partition_dims(layout))
+        except CheckpointWriteError as e:
+            if final:
+                raise
+            logger.write(f"WARNING: {e}; training continues, next attempt at step {step + cfg.checkpoint.every}")
+            return
         result.checkpoint = str(path)
 
     if step == 0:
@@ -215,20 +230,29 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
                 loss = last_stage_mean(pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
                                                       document_ids=document_ids, **dp), dims.device)
                 sync_pipeline_replicas(schedule)
+                finite = True  # the loss (on every stage) and the gradients are checked below
             else:
-                loss = 0.0
+                loss, finite = 0.0, True
                 for x0, ids in zip(micro_batches, document_ids):
                     terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, document_ids=ids, **dp)
                     engine.backward(terms.loss)
                     loss += terms.nelbo.item() / len(micro_batches)
-        grad_norm = engine.step()
+                    finite = finite and math.isfinite(terms.loss.item())
+        # A NaN/inf is caught before the optimizer applies it; every rank takes the same decision.
+        finite = _all_ranks_finite(finite and math.isfinite(loss), model, dims.device)
+        if not finite and cfg.train.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
+                                     f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
+        grad_norm = engine.step(skip=not finite)
         step += 1
         loss = _data_parallel_mean(loss, dp_size, dims.device)
         result.losses[step] = loss
+        if not finite:
+            result.skipped.append(step)
+            logger.write(f"WARNING: skipped step {step}: non-finite loss or gradient (loss {loss}); no update "
+                         f"(train.nonfinite=skip, {len(result.skipped)} skipped so far)")
         tokens = sum(x.numel() for x in micro_batches) * dp_size
         logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr})
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at step {step}")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -241,7 +265,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     if step >= cfg.train.steps and step not in result.evals:
         evaluate()
     if result.checkpoint is None or not result.checkpoint.endswith(f"{step:08d}"):
-        checkpoint()
+        checkpoint(final=True)
     result.step = step
     if step >= cfg.train.steps and cfg.sampling.num_samples and dims.pipeline_parallel > 1:
         logger.write("sampling with pipeline parallelism is not supported yet; no samples printed")
@@ -252,6 +276,19 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     logger.write(f"checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def _all_ranks_finite(finite: bool, model: nn.Module, device: torch.device) -> bool:
+    """False on every rank when any rank saw a non-finite loss or holds a non-finite gradient (gradients that
+    DeepSpeed ZeRO 2 keeps in its own partitions are checked by its overflow test instead)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bad = torch.tensor([0.0 if finite else 1.0], device=device)
+    if grads:  # a NaN/inf anywhere makes that gradient's norm non-finite (one fused kernel per dtype on GPU)
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        bad += (~torch.isfinite(norms.sum())).float().to(device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def _data_parallel_mean(value: float, dp_size: int, device: torch.device) -> float:

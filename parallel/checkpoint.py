@@ -9,6 +9,15 @@
 into one temporary directory; after a barrier rank 0 checksums everything, writes the manifest and renames the
 directory into place, so a reader sees a whole checkpoint or none. `latest_checkpoint` verifies the checksums
 and falls back to the previous checkpoint with a clear message when the newest is truncated or corrupt.
+
+A process killed at any point (SIGKILL, node loss) leaves at most a `.tmp-*` directory, which readers ignore and
+the next save removes. A save that fails (disk full, quota, I/O error on any rank) removes its temporary
+directory, leaves the previous checkpoints untouched and raises `CheckpointWriteError` on every rank alike; the
+training loop (mdm_scale/train.py) reports it and carries on to retry at the next checkpoint, except for the
+final checkpoint of a run, whose failure stops the run with that error. (Megatron and torchtitan let any failed
+save crash the job; a requeued job on a still-full disk then fails the same way and the steps since the last
+checkpoint are lost. Carrying on keeps that work while someone frees space; a job never ends without its last
+state on disk.)
 """
 
 from __future__ import annotations
@@ -32,6 +41,10 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing files or fails its checksums."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving a checkpoint failed on some rank (e.g. disk full); nothing was published, older ones are intact."""
 
 
 @dataclass
@@ -58,6 +71,25 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _agree_errors(error: str | None) -> str | None:
+    """Collective: the first error message of any rank (None when every rank succeeded); doubles as a barrier."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+
+
+def _remove(path: Path) -> None:
+    """Take a directory out of view atomically (rename to a `.tmp-` name), then delete it."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".tmp-delete-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -71,6 +103,10 @@ def save_checkpoint(
 ) -> Path:
     """Write this rank's part of a checkpoint; collective when several ranks exist. Returns its directory.
 
+    Raises:
+        CheckpointWriteError: on every rank, when writing failed on any rank (e.g. OSError ENOSPC); the partial
+            temporary directory has been removed and the existing checkpoints are unchanged.
+
     Args:
         model: flat state dict of tensors (shared storage is cloned: safetensors refuses aliases).
         optimizer: optimizer / LR-scheduler state (tensors, numbers, lists, dicts).
@@ -82,19 +118,30 @@ def save_checkpoint(
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
+    error = None
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # left by a process killed while saving or deleting
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"cannot create {tmp}: {e}"
+    if error := _agree_errors(error):
+        _failed(step, tmp, error)
     files = [f"model-{shard}.safetensors", f"optimizer-{shard}.pt", f"trainer-{shard}.pt"]
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0], metadata=metadata)
-    torch.save(optimizer, tmp / files[1])
-    torch.save(trainer, tmp / files[2])
-    for name in files:
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
-    _barrier()
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0],
+                  metadata=metadata)
+        torch.save(optimizer, tmp / files[1])
+        torch.save(trainer, tmp / files[2])
+        for name in files:
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+    except Exception as e:  # noqa: BLE001 - disk full surfaces as OSError, RuntimeError or SafetensorError
+        error = f"writing shard '{shard}' failed: {type(e).__name__}: {e}"
+    if error := _agree_errors(error):
+        _failed(step, tmp, error)
     if _rank() == 0:
         try:
             names = sorted(p.name for p in tmp.iterdir())
@@ -104,17 +151,34 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
             fsync_dir(tmp)
+            replaced = final.with_name(f".tmp-replaced-{final.name}")
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
             os.rename(tmp, final)
             fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            shutil.rmtree(replaced, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001
+            error = f"publishing {final} failed: {type(e).__name__}: {e}"
+    if error := _agree_errors(error):
+        _failed(step, tmp, error)
+    if _rank() == 0:
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                _remove(old)
+            except OSError as e:
+                warnings.warn(f"could not delete old checkpoint {old}: {e}", stacklevel=2)
     _barrier()
     return final
+
+
+def _failed(step: int, tmp: Path, error: str):
+    """Every rank: remove the partial checkpoint (rank 0) and raise the agreed error."""
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    raise CheckpointWriteError(f"checkpoint of step {step} not saved ({error}); partial files removed, "
+                               f"earlier checkpoints are intact")
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:

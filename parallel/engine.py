@@ -44,8 +44,13 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> float:
-        """Finish the optimizer step; returns the global gradient norm before clipping."""
+    def step(self, skip: bool = False) -> float:
+        """Finish the optimizer step; returns the global gradient norm before clipping.
+
+        With `skip` (a non-finite loss or gradient, see `train.nonfinite`) the accumulated gradients are dropped
+        and nothing changes: no parameter update, no optimizer-state update, no LR-schedule step (as DeepSpeed and
+        Megatron treat an overflowed step); returns NaN. Every rank must pass the same `skip`.
+        """
         raise NotImplementedError
 
     @property
@@ -72,8 +77,11 @@ class LocalEngine(Engine):
         """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
         (loss / self.grad_accumulation).backward()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
         """Clip, update, advance the LR schedule; returns the pre-clipping global gradient norm."""
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
         self.optimizer.step()
         self.lr_schedule.step()
@@ -84,8 +92,9 @@ class LocalEngine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed engine with ZeRO stage `zero_stage` over megatron's data-parallel group.
 
-    Managed (PP = 1): `backward` runs DeepSpeed's backward and step for each micro-batch (DeepSpeed counts
-    micro-steps and updates only at accumulation boundaries, scaling the loss by 1/accumulation itself).
+    Managed (PP = 1): `backward` runs DeepSpeed's backward for each micro-batch, and its step for all but the last
+    (DeepSpeed counts micro-steps and scales the loss by 1/accumulation itself); the step at the accumulation
+    boundary, which updates, is `step`'s, so the loop can check the gradients first and skip it.
     External backward (PP > 1): megatron's pipeline schedule runs forward and backward on the bare module and
     averages over micro-batches; `step` then reduces gradients over data parallelism (ZeRO 0/1), clips and
     updates ("managed_gradient_accumulation": false, as ../shared/docs/STACK.md records working).
@@ -116,13 +125,34 @@ class DeepSpeedEngine(Engine):
         if self.external_backward:
             raise RuntimeError("with pipeline parallelism the pipeline schedule runs the backward")
         self.engine.backward(loss)
-        self.engine.step()
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # counts the micro-step; the update at the boundary waits for `step`
 
-    def step(self) -> float:
-        if self.external_backward:
-            self.engine.step()
+    def step(self, skip: bool = False) -> float:
+        if skip:
+            self._skipped_step()
+            return float("nan")
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _skipped_step(self) -> None:
+        """DeepSpeed's boundary step taken as an overflowed one: its counters advance, gradients (and ZeRO's
+        gradient partitions) are dropped, no update and no LR-schedule step, as for an fp16 overflow."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "check_overflow"):  # ZeRO 1/2: its own overflow path clears the gradient partitions
+            patch = {"check_overflow": lambda *args, **kwargs: setattr(opt, "overflow", True),
+                     "check_grad_overflow": True}
+        else:  # a plain torch optimizer (ZeRO 0, fp32): no update; `overflow` makes DeepSpeed count a skip
+            patch = {"step": lambda *args, **kwargs: None, "overflow": True}
+        saved = {k: opt.__dict__[k] for k in patch if k in opt.__dict__}
+        opt.__dict__.update(patch)
+        try:
+            self.engine.step()
+        finally:
+            for k in patch:
+                opt.__dict__.pop(k, None)
+            opt.__dict__.update(saved)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         if hasattr(self.optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: this rank's partition

@@ -125,3 +125,34 @@ def test_sigusr1_stops_after_the_step_with_a_checkpoint_and_the_rerun_continues_
     resumed = train(_cfg(tmp_path, "split", "train.steps=4"))
     assert not resumed.stopped and sorted(resumed.losses) == [2, 3, 4]
     assert [resumed.losses[s] for s in (2, 3, 4)] == [full.losses[s] for s in (2, 3, 4)]
+
+
+def test_triton_kernels_train_exactly_like_the_torch_kernels(tmp_path):
+    """kernels=triton (through the Triton interpreter on this CPU) and kernels=torch give the same training losses;
+    kernels=triton without a GPU or the interpreter stops before training with a clear message."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def run(kernels, **env):
+        cmd = [sys.executable, str(root / "launchers" / "local.py"), "config=tiny", *FAST, "train.steps=2",
+               "sampling.num_samples=0", "logging.log_every=1", f"kernels={kernels}", f"run_dir={tmp_path / kernels}",
+               f"data.cache_dir={tmp_path / 'cache'}"]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600,
+                              env={**os.environ, "TRITON_INTERPRET": "0", **env})
+
+    def losses(kernels):
+        lines = (tmp_path / kernels / "metrics.jsonl").read_text().splitlines()
+        return [m["train/loss"] for m in map(json.loads, lines) if "train/loss" in m]
+
+    refused = run("triton")
+    assert refused.returncode != 0 and "kernels=triton needs a CUDA device" in refused.stderr
+    assert run("torch").returncode == 0
+    interpreted = run("triton", TRITON_INTERPRET="1")
+    assert interpreted.returncode == 0, interpreted.stderr[-3000:]
+    torch_losses, triton_losses = losses("torch"), losses("triton")
+    assert len(torch_losses) == 2 and triton_losses == pytest.approx(torch_losses, rel=1e-5)
