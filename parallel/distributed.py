@@ -84,9 +84,9 @@ def init_distributed(
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
+        if world == 1:  # nobody to meet: a private port, whatever MASTER_* an enclosing launcher left behind
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             rank=rank,

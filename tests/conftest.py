@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Triton decides between compiled and interpreted kernels from this variable when it is first imported, and
+# DeepSpeed imports Triton as a side effect: set it before any test module is collected (tests run on CPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

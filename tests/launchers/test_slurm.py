@@ -134,8 +134,10 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _logs(run_dir: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in sorted((run_dir / "slurm").rglob("*_log.*")))
+def _logs(run_dir: Path, tail: int | None = 4000) -> str:
+    """The job's stdout/stderr files (the last `tail` characters of each; None = whole, for searching)."""
+    return "\n".join(f"--- {p}\n{p.read_text()[-tail if tail else 0:]}"
+                     for p in sorted((run_dir / "slurm").rglob("*_log.*")))
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +171,10 @@ def test_sigusr1_checkpoints_requeues_and_finishes_with_the_uninterrupted_loss(s
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env)
     job = _wait(slurm, job_id, lambda job: _finished(job) and job.get("Restarts") != "0")
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, _logs(run_dir))
-    log = _logs(run_dir)
+    log = _logs(run_dir, tail=None)
     stopped = re.search(r"stopping at step (\d+) on signal SIGUSR1", log)
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", log)
-    assert stopped and resumed and stopped.group(1) == resumed.group(2), log
+    assert stopped and resumed and stopped.group(1) == resumed.group(2), _logs(run_dir)
     assert 0 < int(resumed.group(2)) < 40
     final = {m["step"]: m["train/loss"] for m in _metrics(run_dir) if "train/loss" in m}
     reference = {m["step"]: m["train/loss"] for m in _metrics(uninterrupted[0]) if "train/loss" in m}
