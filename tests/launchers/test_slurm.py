@@ -17,6 +17,7 @@ from tests.launchers.slurm_cluster import LocalSlurm
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = [sys.executable, str(ROOT / "launchers" / "slurm.py")]
+STEPS = 300  # long enough (several seconds) for the signal to land mid-run even on an idle machine
 TINY = [
     "config=tiny", "data.source=committed", "data.tokenizer=byte", "data.seq_len=32", "data.micro_batch_size=4",
     "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "logging.wandb=false",
@@ -115,13 +116,13 @@ def _job(slurm, job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", text))
 
 
-def _wait(slurm, job_id: str, until, timeout: float = 600) -> dict[str, str]:
+def _wait(slurm, job_id: str, until, timeout: float = 600, poll: float = 1.0) -> dict[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(slurm, job_id)
         if until(job):
             return job
-        time.sleep(1)
+        time.sleep(poll)
     raise AssertionError(f"job {job_id} timed out waiting: {_job(slurm, job_id)}\n{slurm.logs()}")
 
 
@@ -143,7 +144,7 @@ def _logs(run_dir: Path, tail: int | None = 4000) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("jobs") / "uninterrupted"
-    job_id = _submit(slurm, run_dir, "train.steps=40")
+    job_id = _submit(slurm, run_dir, f"train.steps={STEPS}")
     job = _wait(slurm, job_id, _finished)
     assert job["JobState"] == "COMPLETED", (job, _logs(run_dir))
     return run_dir, job
@@ -152,7 +153,7 @@ def uninterrupted(slurm, tmp_path_factory):
 def test_two_task_cpu_job_trains_through_slurm(uninterrupted):
     run_dir, job = uninterrupted
     steps = [m for m in _metrics(run_dir) if "train/loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 41)), _logs(run_dir)
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1)), _logs(run_dir)
     assert steps[-1]["train/loss"] < 0.8 * steps[0]["train/loss"]
     assert (run_dir / "config.yaml").exists() and job["NumTasks"] == "2"
     results = sorted((run_dir / "slurm").rglob("*_result.pkl"))
@@ -162,23 +163,25 @@ def test_two_task_cpu_job_trains_through_slurm(uninterrupted):
 
 def test_sigusr1_checkpoints_requeues_and_finishes_with_the_uninterrupted_loss(slurm, uninterrupted, tmp_path):
     run_dir = tmp_path / "preempted"
-    job_id = _submit(slurm, run_dir, "train.steps=40")
-    _wait(slurm, job_id, lambda job: _finished(job) or len(_metrics(run_dir)) >= 3)
+    job_id = _submit(slurm, run_dir, f"train.steps={STEPS}")
+    # Signal as soon as training runs (a few hundred ms of steps on an idle machine: poll fast).
+    _wait(slurm, job_id, lambda job: _finished(job) or len(_metrics(run_dir)) >= 3, poll=0.1)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=slurm.env)
     requeued = _wait(slurm, job_id, lambda job: _finished(job) or (job.get("Restarts") == "1"
                                                                    and job.get("JobState") == "PENDING"))
-    if requeued.get("JobState") == "PENDING":  # SLURM holds a requeued job for ~2 minutes; let it start now
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env)
-    job = _wait(slurm, job_id, lambda job: _finished(job) and job.get("Restarts") != "0")
+    assert requeued.get("Restarts") == "1", ("SIGUSR1 did not requeue the job", requeued, _logs(run_dir))
+    # SLURM holds a requeued job for ~2 minutes; let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm.env)
+    job = _wait(slurm, job_id, _finished)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, _logs(run_dir))
     log = _logs(run_dir, tail=None)
     stopped = re.search(r"stopping at step (\d+) on signal SIGUSR1", log)
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", log)
     assert stopped and resumed and stopped.group(1) == resumed.group(2), _logs(run_dir)
-    assert 0 < int(resumed.group(2)) < 40
+    assert 0 < int(resumed.group(2)) < STEPS
     final = {m["step"]: m["train/loss"] for m in _metrics(run_dir) if "train/loss" in m}
     reference = {m["step"]: m["train/loss"] for m in _metrics(uninterrupted[0]) if "train/loss" in m}
-    assert final[40] == reference[40] and sorted(final) == list(range(1, 41))
+    assert final[STEPS] == reference[STEPS] and sorted(final) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("config", ["owt_small", "owt_1b", "scale_125m", "scale_350m", "scale_1b", "scale_3b",
