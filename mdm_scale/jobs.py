@@ -19,11 +19,16 @@ DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RA
 
 def run(cfg: RunConfig) -> dict:
     """Train `cfg` in this process (distributed settings come from the environment); stops cleanly on SIGUSR1."""
+    import torch
+
     from mdm_scale.preemption import StopRequest
     from mdm_scale.train import train
 
     stop = StopRequest().install()
     result = train(cfg, stop=stop)
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo/NCCL threads must not race the exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return {"step": result.step, "losses": result.losses, "evals": result.evals, "checkpoint": result.checkpoint,
             "stopped_by_signal": result.stopped, "signal": stop.signum, "previous_handlers": stop.previous}
 

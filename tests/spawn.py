@@ -32,6 +32,11 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # Shut gloo down before interpreter teardown: its threads otherwise race the exit and, rarely, abort the
+    # process ("terminate called without an active exception") after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 600):
