@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.corpus import build_token_corpus
-from data_pipeline.shards import DOCUMENT_IDS_SUFFIX, MANIFEST_NAME, ShardedSequences, write_mds
+from data_pipeline.shard_format import DOCUMENT_IDS_SUFFIX, MANIFEST_NAME
+from data_pipeline.shard_reader import ShardedSequences
+from data_pipeline.shard_writer import write_mds
 from data_pipeline.tokenizer import Tokenizer
 
 SPLITS = ("train", "heldout")

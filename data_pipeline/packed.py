@@ -1,4 +1,4 @@
-"""Exactly resumable batches of fixed-length samples, in memory (`PackedBatches`) or from shards (shards.py).
+"""Exactly resumable batches of fixed-length samples, in memory (`PackedBatches`) or from shards (shard_reader.py).
 
 `EpochBatches` owns the order (a per-(seed, epoch) permutation, strided over data-parallel ranks) and the resume
 state for any random-access `SampleSource`. `PackedBatches` is its in-memory source: like MDLM's OpenWebText setup, documents (already separated by EOS) are concatenated and cut into consecutive,

@@ -1,4 +1,4 @@
-"""Turns raw text files into packed, checksummed train/held-out shards that `shards.ShardedSequences` reads.
+"""Turns raw text files into packed, checksummed train/held-out shards that `shard_reader.ShardedSequences` reads.
 
     python -m data_pipeline.preprocess INPUT... --out DIR [--format mds|webdataset] [--tokenizer gpt2|byte]
         [--seq-len 1024] [--pack wrap|documents] [--text-field text] [--heldout-every 20] [--workers N]
@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.corpus import tokenize_documents
-from data_pipeline.shards import FORMATS, PADDING_DOCUMENT_ID, ShardError, write_mds, write_webdataset
+from data_pipeline.shard_check import ShardError
+from data_pipeline.shard_format import FORMATS, PADDING_DOCUMENT_ID
+from data_pipeline.shard_writer import write_mds, write_webdataset
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from data_pipeline.shards import PADDING_DOCUMENT_ID
+from data_pipeline.shard_format import PADDING_DOCUMENT_ID
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule

@@ -7,7 +7,8 @@ import pytest
 
 from data_pipeline.corpus import build_token_corpus
 from data_pipeline.datasets import embedded_corpus_shards, open_split
-from data_pipeline.shards import ShardError, write_webdataset
+from data_pipeline.shard_check import ShardError
+from data_pipeline.shard_writer import write_webdataset
 from data_pipeline.tokenizer import load_tokenizer
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.preprocess import PADDING_DOCUMENT_ID, PreprocessError, main, preprocess
-from data_pipeline.shards import ShardedSequences
+from data_pipeline.shard_reader import ShardedSequences
 from data_pipeline.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import shards
+from data_pipeline import shard_writer
 from data_pipeline.packed import PackedBatches
-from data_pipeline.shards import ShardedSequences, ShardError, verify_shards, write_mds, write_webdataset
+from data_pipeline.shard_check import ShardError, verify_shards
+from data_pipeline.shard_reader import ShardedSequences
+from data_pipeline.shard_writer import write_mds, write_webdataset
 
 SEQ = 16
 N = 300
@@ -151,7 +153,7 @@ def test_writing_is_atomic_and_never_clobbers(fmt, tmp_path, monkeypatch):
         raise OSError(f"disk full while hashing {path}")
 
     with monkeypatch.context() as m:  # fails after the shards are written: old directory untouched, no temp left
-        m.setattr(shards, "sha256_file", crash)
+        m.setattr(shard_writer, "sha256_file", crash)
         with pytest.raises(OSError, match="disk full"):
             WRITERS[fmt](_sequences(50), out, overwrite=True)
     assert verify_shards(out)["num_samples"] == 40

@@ -238,7 +238,7 @@ def test_packed_row_nelbo_is_the_sum_of_its_documents_alone_and_padding_carries_
     """Document ids (`--pack documents`): attention stays inside a document, so at the same t and the same
     per-position uniforms the packed row's per-sequence NELBO is exactly the sum of its documents evaluated as
     separate rows; padding adds nothing (whatever its tokens) and is not counted as tokens."""
-    from data_pipeline.shards import PADDING_DOCUMENT_ID
+    from data_pipeline.shard_format import PADDING_DOCUMENT_ID
 
     vocab = 50
     denoiser = make_denoiser(vocab=vocab, seq_len=12, std=0.5)
