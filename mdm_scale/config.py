@@ -75,12 +75,27 @@ class ObjectiveConfig:
     """Times are drawn in [t_min, 1] (MDLM: 1e-3); see docs/objective.md for the bias this leaves."""
     time_power: float = 1.0
     """Proposal t = u^(1/k) with importance weight 1/q(t); k = 1 is uniform. Finite variance needs k < min w."""
-    antithetic: bool = True
-    """Stratify u over the batch, u_b = (u + b/B) mod 1 (MDLM's low-discrepancy sampler)."""
+    t_sampler: str = "antithetic"
+    """uniform (i.i.d. u) | antithetic (u stratified over the batch, u_b = (u + b/B) mod 1: MDLM's
+    low-discrepancy sampler) | p_pots (stratified draws from a proposal fitted online to the per-time loss second
+    moment, importance-weighted: unbiased, docs/objective.md). `time_power` maps u to t in every case."""
+    mask_pairs: str = "independent"
+    """independent | mirror: every sequence appears twice with the same t and complementary per-position
+    uniforms (u, 1 - u), so its two masks are negatively correlated. A pair is two rows of the batch: for equal
+    tokens halve the batch size."""
+    p_pots_bins: int = 32
+    """p_pots: equal-width bins in u of the piecewise-constant proposal."""
+    p_pots_decay: float = 0.99
+    """p_pots: per-step decay of the binned second-moment statistics (an exponential moving average)."""
+    p_pots_uniform_mix: float = 0.1
+    """p_pots: weight of the uniform density mixed into the proposal (bounds the importance weights by 1/mix)."""
     velocity_weight: float = 1.0
     """lomdm only: weight of the velocity-matching term (1 = the NELBO)."""
     score_function: bool = True
-    """Learned schedules: add the RLOO score-function gradient for the discrete masking (unbiased)."""
+    """Learned schedules: add the score-function gradient for the discrete masking (unbiased)."""
+    score_baseline: str = "rloo"
+    """Baseline of that score-function term: rloo (mean loss of the batch's other sequences) | time_binned (the
+    running mean loss in this sequence's time bin from earlier steps: removes the loss's dependence on t)."""
 
 
 @dataclass

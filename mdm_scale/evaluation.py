@@ -25,7 +25,7 @@ from mdm_scale.denoiser import Denoiser
 from mdm_scale.objective import document_masks, draw_noise, nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo
 from mdm_scale.schedules import Schedule
-from mdm_scale.time_sampling import grid_times
+from mdm_scale.time_sampling import TimeSampler, grid_times
 
 
 @torch.no_grad()
@@ -49,18 +49,20 @@ def evaluate_nelbo(
     was_training = denoiser.training
     denoiser.eval()
     generator = torch.Generator().manual_seed(seed)
+    sampler = TimeSampler.from_config(cfg, evaluation=True)  # fixed proposal, independent masks
+    cfg = replace(cfg, velocity_weight=1.0, mask_pairs="independent", t_sampler=sampler.t_sampler)
     total, count = 0.0, 0
     for batch in batches:
         x0, document_ids = (None if x is None else x.to(device) for x in split_document_ids(batch))
         tokens = x0.numel() if document_ids is None else int(document_masks(document_ids)[1].sum())
         if denoiser.config.pipeline_model_parallel_size > 1:  # the same noise, through the pipeline
-            values = pipeline_nelbo(denoiser, schedule, [x0] * time_samples, replace(cfg, velocity_weight=1.0),
-                                    generator, forward_only=True, document_ids=[document_ids] * time_samples)
-            total += last_stage_mean(values, x0.device) * tokens * time_samples
+            terms = pipeline_nelbo(denoiser, schedule, [x0] * time_samples, cfg, generator, sampler=sampler,
+                                   forward_only=True, document_ids=[document_ids] * time_samples)
+            total += last_stage_mean([x.nelbo.item() for x in terms], x0.device) * tokens * time_samples
             count += tokens * time_samples
             continue
         for _ in range(time_samples):
-            t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], cfg, generator, x0.device)
+            t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], sampler, generator, x0.device)
             terms = nelbo(denoiser, schedule, x0, t, t_weight, uniforms, velocity_weight=1.0, score_function=False,
                           document_ids=document_ids)
             total += terms.per_sequence.sum().item()

@@ -2,9 +2,10 @@
 
     L(x) = E_t E_{z_t} sum_{i: z_t^i = m} A_i(t) * (-log p_theta(x^i | z_t, t))          [+ LoMDM velocity term]
 
-Per sequence we draw one t (antithetic, optional power-law proposal with importance weight) and one z_t, run the
-denoiser once, and weight the per-token NLL of masked positions. Learned schedules also get a score-function
-(RLOO) gradient for the discrete masking, so their parameters see the whole gradient of the NELBO.
+Per sequence we draw one t (`objective.t_sampler`: uniform, antithetic or the P-POTS proposal, with importance
+weight) and one z_t (`objective.mask_pairs=mirror`: twice, from complementary uniforms), run the denoiser once,
+and weight the per-token NLL of masked positions. Learned schedules also get a score-function gradient for the
+discrete masking (RLOO or time-binned baseline), so their parameters see the whole gradient of the NELBO.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
-from mdm_scale.time_sampling import sample_times
+from mdm_scale.time_sampling import TimeSampler
 
 
 @dataclass
@@ -35,6 +36,9 @@ class NelboTerms:
     velocity: Tensor
     """Scalar per-token velocity-matching part (detached; 0 unless LoMDM)."""
     masked_fraction: Tensor
+    t: Tensor
+    """[b] the rows' times and [b] importance weights (for the time sampler's statistics)."""
+    t_weight: Tensor
 
 
 def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
@@ -50,15 +54,54 @@ def document_masks(document_ids: Tensor | None) -> tuple[Tensor | None, Tensor |
     return document_attention_mask(document_ids), document_ids != PADDING_DOCUMENT_ID
 
 
-def draw_noise(
-    batch_size: int, seq_len: int, cfg: ObjectiveConfig, generator: torch.Generator, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
+MASK_PAIRS = ("independent", "mirror")
+SCORE_BASELINES = ("rloo", "time_binned")
+
+
+def draw_noise(batch_size: int, seq_len: int, sampler: TimeSampler, generator: torch.Generator,
+               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Times [b] (float64), their importance weights [b] and per-position uniforms [b, l] for the masks."""
-    t, t_weight = sample_times(
-        batch_size, generator=generator, t_min=cfg.t_min, power=cfg.time_power, antithetic=cfg.antithetic
-    )
+    t, t_weight = sampler.draw(batch_size, generator)
     uniforms = torch.rand(batch_size, seq_len, generator=generator, dtype=torch.float64)
     return t.to(device), t_weight.to(device), uniforms.to(device)
+
+
+@dataclass
+class TrainingNoise:
+    """This rank's rows of one micro-batch's noise, after the mask pairing (what `nelbo` consumes)."""
+
+    t: Tensor
+    t_weight: Tensor
+    uniforms: Tensor
+    mirrored: bool
+    """Rows are [b sequences; the same b sequences] with uniforms [u; 1 - u] (see `mirror_rows`)."""
+    baseline: Tensor | None
+    """Score-function baseline per row from earlier steps (`time_binned`), or None for RLOO."""
+
+
+def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler: TimeSampler,
+                   generator: torch.Generator, device: torch.device, *, data_parallel_rank: int = 0,
+                   data_parallel_size: int = 1) -> TrainingNoise:
+    """Noise of the global micro-batch (stratified over all of it), this rank's strided slice (the data loader's
+    striding: DP = N sees exactly the noise of DP = 1), then the mirror pairing."""
+    if cfg.mask_pairs not in MASK_PAIRS:
+        raise ValueError(f"objective.mask_pairs must be one of {', '.join(MASK_PAIRS)}, got {cfg.mask_pairs!r}")
+    if cfg.score_baseline not in SCORE_BASELINES:
+        raise ValueError(f"objective.score_baseline must be one of {', '.join(SCORE_BASELINES)}, "
+                         f"got {cfg.score_baseline!r}")
+    t, t_weight, uniforms = draw_noise(batch_size * data_parallel_size, seq_len, sampler, generator, device)
+    mine = slice(data_parallel_rank, None, data_parallel_size)
+    t, t_weight, uniforms = t[mine], t_weight[mine], uniforms[mine]
+    mirrored = cfg.mask_pairs == "mirror"
+    if mirrored:
+        t, t_weight, uniforms = mirror_rows(t), mirror_rows(t_weight), torch.cat([uniforms, 1 - uniforms])
+    baseline = sampler.baseline(t, t_weight) if cfg.score_baseline == "time_binned" else None
+    return TrainingNoise(t, t_weight, uniforms, mirrored, baseline)
+
+
+def mirror_rows(x: Tensor | None) -> Tensor | None:
+    """[b, ...] -> [2b, ...]: every sequence twice (the MIRROR pair's rows are i and i + b)."""
+    return None if x is None else torch.cat([x, x])
 
 
 @dataclass
@@ -86,7 +129,8 @@ def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t
 
 def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBatch, hidden: Tensor, *,
                         velocity_weight: float = 1.0, score_function: bool = True, reduce_group=None,
-                        loss_mask: Tensor | None = None) -> NelboTerms:
+                        loss_mask: Tensor | None = None, mirrored: bool = False,
+                        baseline: Tensor | None = None) -> NelboTerms:
     """The weighted loss from the denoiser's features of z_t (the last pipeline stage's job).
 
     Args:
@@ -94,6 +138,9 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         velocity_weight, score_function, reduce_group: as in `nelbo`.
         loss_mask: [b, l] bool, False at positions that are not data (packing's padding): they carry no loss,
             no score-function term and do not count as tokens. None = every position counts.
+        mirrored: rows i and i + b/2 are a MIRROR pair (complementary masks): the RLOO baseline of a row leaves
+            out both, since the partner's loss depends on this row's mask.
+        baseline: [b] score-function baseline from earlier steps (time_binned); None = RLOO over the batch.
     """
     x0, t, masking = noised.x0, noised.t, noised.masking
     masked = noised.masked if loss_mask is None else noised.masked & loss_mask
@@ -123,12 +170,8 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
         log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
         reward = per_sequence.to(torch.float64)
-        totals = torch.stack([reward.sum(), torch.tensor(float(b), dtype=torch.float64, device=reward.device)])
-        if reduce_group is not None:
-            torch.distributed.all_reduce(totals, group=reduce_group)
-        if totals[1] < 2:
-            raise ValueError("learned schedules need >= 2 sequences per batch for the RLOO baseline")
-        baseline = (totals[0] - reward) / (totals[1] - 1)  # leave-one-out: independent of this sequence's z_t
+        if baseline is None:
+            baseline = leave_one_out_baseline(reward, mirrored, reduce_group)
         surrogate = ((reward - baseline) * (log_q - log_q.detach())).sum() / num_tokens
         loss = loss + surrogate.to(loss.dtype)
     return NelboTerms(
@@ -138,7 +181,22 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         reconstruction=reconstruction.sum() / num_tokens,
         velocity=velocity.detach().sum() / num_tokens,
         masked_fraction=masked.float().mean(),
+        t=t.detach(),
+        t_weight=noised.t_weight.detach(),
     )
+
+
+def leave_one_out_baseline(reward: Tensor, mirrored: bool, reduce_group=None) -> Tensor:
+    """RLOO: each row's baseline is the mean reward of the other sequences of the (global) batch, independent of
+    this row's mask given its t. A MIRROR pair is one unit (its rows' masks are dependent)."""
+    unit = reward.view(2, -1).sum(0).repeat(2) if mirrored else reward  # per row: its pair's (or its own) reward
+    unit_size = 2 if mirrored else 1
+    totals = torch.stack([reward.sum(), torch.tensor(float(len(reward)), dtype=torch.float64, device=reward.device)])
+    if reduce_group is not None:
+        torch.distributed.all_reduce(totals, group=reduce_group)
+    if totals[1] < 2 * unit_size:
+        raise ValueError("learned schedules need >= 2 sequences per batch for the RLOO baseline")
+    return (totals[0] - unit) / (totals[1] - unit_size)
 
 
 def nelbo(
@@ -153,6 +211,8 @@ def nelbo(
     score_function: bool = True,
     reduce_group=None,
     document_ids: Tensor | None = None,
+    mirrored: bool = False,
+    baseline: Tensor | None = None,
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
 
@@ -165,6 +225,7 @@ def nelbo(
         reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
         document_ids: [b, l] document of each position (`--pack documents`): attention stays within a document
             and padding carries no loss. None = one sequence per row, every position counts.
+        mirrored, baseline: the score-function baseline's inputs (see `nelbo_from_features`).
     """
     attention_mask, loss_mask = document_masks(document_ids)
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
@@ -179,24 +240,30 @@ def nelbo(
     hidden = denoiser(noised.z_t, t.float(), attention_mask)  # [b, l, h]
     # 4.-5. Weight and normalise.
     return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
-                               score_function=score_function, reduce_group=reduce_group, loss_mask=loss_mask)
+                               score_function=score_function, reduce_group=reduce_group, loss_mask=loss_mask,
+                               mirrored=mirrored, baseline=baseline)
 
 
 def training_nelbo(
     denoiser: Denoiser, schedule: Schedule, x0: Tensor, cfg: ObjectiveConfig, generator: torch.Generator,
-    *, data_parallel_rank: int = 0, data_parallel_size: int = 1, data_parallel_group=None,
-    document_ids: Tensor | None = None,
+    *, sampler: TimeSampler | None = None, data_parallel_rank: int = 0, data_parallel_size: int = 1,
+    data_parallel_group=None, document_ids: Tensor | None = None,
 ) -> NelboTerms:
     """Estimate the NELBO of a batch (the training objective) with noise drawn from `generator`.
 
-    Every data-parallel rank draws the noise of the global batch (stratified over all of it) and keeps its own
-    strided slice, the same striding the data loader uses: DP = N sees exactly the noise of DP = 1.
+    `sampler` is the run's time sampler (its P-POTS proposal / statistics); None = a fresh one from `cfg`.
+    Every data-parallel rank draws the noise of the global batch and keeps its own strided slice. With
+    `mask_pairs=mirror` the batch is doubled: [x; x] with uniforms [u; 1 - u] (a pair is two rows).
     """
     b, l = x0.shape
-    t, t_weight, uniforms = draw_noise(b * data_parallel_size, l, cfg, generator, x0.device)
-    mine = slice(data_parallel_rank, None, data_parallel_size)
+    sampler = sampler or TimeSampler.from_config(cfg)
+    noise = training_noise(b, l, cfg, sampler, generator, x0.device, data_parallel_rank=data_parallel_rank,
+                           data_parallel_size=data_parallel_size)
+    if noise.mirrored:
+        x0, document_ids = mirror_rows(x0), mirror_rows(document_ids)
     return nelbo(
-        denoiser, schedule, x0, t[mine], t_weight[mine], uniforms[mine],
+        denoiser, schedule, x0, noise.t, noise.t_weight, noise.uniforms,
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
         reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=document_ids,
+        mirrored=noise.mirrored, baseline=noise.baseline,
     )

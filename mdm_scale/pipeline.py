@@ -22,8 +22,9 @@ from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
-from mdm_scale.objective import apply_noise, document_masks, draw_noise, nelbo_from_features
+from mdm_scale.objective import apply_noise, document_masks, mirror_rows, nelbo_from_features, training_noise
 from mdm_scale.schedules import Schedule
+from mdm_scale.time_sampling import TimeSampler
 
 
 def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
@@ -41,30 +42,37 @@ def pipeline_nelbo(
     cfg: ObjectiveConfig,
     generator: torch.Generator,
     *,
+    sampler: TimeSampler | None = None,
     forward_only: bool = False,
     document_ids: list[Tensor | None] | None = None,
     data_parallel_rank: int = 0,
     data_parallel_size: int = 1,
     data_parallel_group=None,
-) -> list[float]:
+) -> list:
     """Forward (and backward unless `forward_only`) of the NELBO over `micro_batches` through the pipeline.
 
-    Gradients accumulate in the parameters of this stage, averaged over micro-batches. Returns the per-token
-    NELBO of each micro-batch on the last stage (empty elsewhere).
+    Gradients accumulate in the parameters of this stage, averaged over micro-batches. Returns the NelboTerms
+    of each micro-batch on the last stage (empty elsewhere).
 
     Args:
         micro_batches: [b, l] clean token ids, the same list on every stage.
         generator: the training noise generator; advanced identically on every stage.
+        sampler: the run's time sampler (identical on every rank); None = a fresh one from `cfg`.
         document_ids: per micro-batch [b, l] document ids of packed sequences, or None (see `objective.nelbo`).
         data_parallel_rank, data_parallel_size, data_parallel_group: as in `objective.training_nelbo` (noise of
             the global micro-batch, this rank's strided slice; global RLOO baseline).
     """
-    masks, loss_masks = zip(*[document_masks(ids) for ids in (document_ids or [None] * len(micro_batches))])
     b, l = micro_batches[0].shape
     device = micro_batches[0].device
-    mine = slice(data_parallel_rank, None, data_parallel_size)
-    noise = [tuple(x[mine] for x in draw_noise(b * data_parallel_size, l, cfg, generator, device))
-             for _ in micro_batches]
+    sampler = sampler or TimeSampler.from_config(cfg)
+    noise = [training_noise(b, l, cfg, sampler, generator, device, data_parallel_rank=data_parallel_rank,
+                            data_parallel_size=data_parallel_size) for _ in micro_batches]
+    document_ids = document_ids or [None] * len(micro_batches)
+    if cfg.mask_pairs == "mirror":  # every stage doubles the same way
+        micro_batches = [mirror_rows(x) for x in micro_batches]
+        document_ids = [mirror_rows(ids) for ids in document_ids]
+        b *= 2
+    masks, loss_masks = zip(*[document_masks(ids) for ids in document_ids])
     reduce_group = data_parallel_group if data_parallel_size > 1 else None
     run = get_forward_backward_func()
     last_stage = denoiser.post_process
@@ -93,11 +101,11 @@ def pipeline_nelbo(
             forward_logits[i] = _broadcast_from_last_stage(logits)
 
     # Pass 2: z_t through the pipeline; the loss on the last stage.
-    losses: list[float] = []
+    terms_out = []
 
     def train_step(data_iterator, model):
         i = next(data_iterator)
-        t, t_weight, uniforms = noise[i]
+        t, t_weight, uniforms = noise[i].t, noise[i].t_weight, noise[i].uniforms
         noised = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, forward_logits[i])
         out = model(noised.z_t, t.float(), masks[i])
 
@@ -108,15 +116,16 @@ def pipeline_nelbo(
             with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits)
             terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
                                         score_function=cfg.score_function and not forward_only,
-                                        reduce_group=reduce_group, loss_mask=loss_masks[i])
-            losses.append(terms.nelbo.item())
+                                        reduce_group=reduce_group, loss_mask=loss_masks[i],
+                                        mirrored=noise[i].mirrored, baseline=noise[i].baseline)
+            terms_out.append(terms)
             return terms.loss, {"nelbo": terms.nelbo}
 
         return out, loss
 
     run(forward_step_func=train_step, data_iterator=iter(range(len(micro_batches))), model=[denoiser],
         num_microbatches=len(micro_batches), seq_length=l, micro_batch_size=b, forward_only=forward_only)
-    return losses
+    return terms_out
 
 
 def last_stage_mean(values: list[float], device: torch.device) -> float:

@@ -1,22 +1,31 @@
-"""Time samples for the NELBO estimator: antithetic (stratified) u, an optional heavy-tailed proposal, t_min.
+"""Time samples for the NELBO estimator (`objective.t_sampler`): uniform, antithetic, or the P-POTS proposal.
 
-With time_power k = 1 this is MDLM's sampler: u_b = (u + b/B) mod 1, t = t_min + (1 - t_min) u, weight 1.
+Every sampler returns t in (t_min, 1] with an importance weight that keeps the estimator unbiased for
+(1 - t_min)^-1 * integral_{t_min}^1 of the per-t loss (the NELBO when t_min = 0). Write v = (t - t_min)/(1 - t_min)
+and s = v^k (k = time_power): statistics and proposals are binned in s.
 
-With k < 1 the batch is split (deterministic multiple importance sampling, balance heuristic): half the
-sequences draw v uniformly, half from q_k(v) = k v^(k-1) (v = u^(1/k), mass near 0), each group stratified, and
-every sample gets the weight
-
-    t_weight = 1 / (f_u * 1 + f_k * k v^(k-1)),        f_u, f_k = fractions of the batch in each group
-
-which keeps the estimator unbiased for (1 - t_min)^-1 * integral_{t_min}^1 of the per-t loss (the NELBO when
-t_min = 0). Position i's term has finite variance iff w_i > k (docs/objective.md): learned schedules use k = 0.2
-< min w = 0.25, and the uniform half keeps ~half the batch at MDLM's masking rates.
+* uniform / antithetic, time_power k = 1 (MDLM): v = s, weight 1; antithetic stratifies s over the batch,
+  s_b = (s + b/B) mod 1 (MDLM's low-discrepancy sampler).
+* k < 1 (learned schedules): half the batch draws v = s, half v = s^(1/k) (density k v^(k-1), mass near 0), each
+  group stratified, and every sample gets the balance-heuristic weight 1 / (f_u + f_k k v^(k-1)).
+  Position i's term has finite variance iff w_i > k (docs/objective.md).
+* p_pots: s is drawn from a piecewise-constant density q over `p_pots_bins` equal bins, v = s^(1/k), weight
+  c(s) / q(s) with c(s) = dv/ds. The estimator's variance is integral m2(s) / q(s) ds - NELBO^2, where m2(s) is
+  the second moment of g(s) = L(t(s)) c(s) (L: the per-sequence loss at t, over masks and data); among
+  piecewise-constant densities the minimiser is q_j proportional to sqrt(mean of m2 over bin j) (Cauchy-Schwarz).
+  m2 is estimated online from the training losses (`observe`: decayed per-bin sums, reduced over every rank, so
+  all ranks hold the same proposal), mixed with a uniform part so that weights stay <= 1/mix; the proposal used at
+  a step depends only on earlier steps, so every step's estimator is unbiased. Draws are stratified through the
+  proposal's inverse CDF.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+T_SAMPLERS = ("uniform", "antithetic", "p_pots")
 
 
 def _stratified(n: int, generator: torch.Generator, antithetic: bool) -> Tensor:
@@ -48,7 +57,7 @@ def sample_times(
     power: float = 1.0,
     antithetic: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one time per sequence.
+    """Draw one time per sequence from the fixed (stateless) proposals.
 
     Args:
         batch_size: B sequences.
@@ -76,3 +85,118 @@ def grid_times(num: int, *, t_min: float = 0.0, power: float = 1.0) -> tuple[Ten
         return (torch.arange(n, dtype=torch.float64) + 0.5) / max(n, 1)
 
     return _times_and_weights(mid(num - n_power), mid(n_power), t_min, power)
+
+
+class TimeSampler:
+    """The configured time proposal plus, when something needs them, online per-bin loss statistics.
+
+    Statistics (decayed sums over steps, per bin of s): count, sum of L (the per-sequence loss without importance
+    weight, for `time_binned` score-function baselines) and sum of g^2 = (L c(s))^2 (for the P-POTS proposal).
+    They are the sampler's whole state: `state_dict` goes into the checkpoint.
+    """
+
+    def __init__(self, t_sampler: str = "antithetic", *, t_min: float = 1e-3, power: float = 1.0, bins: int = 32,
+                 decay: float = 0.99, uniform_mix: float = 0.1, track_statistics: bool = False):
+        if t_sampler not in T_SAMPLERS:
+            raise ValueError(f"objective.t_sampler must be one of {', '.join(T_SAMPLERS)}, got {t_sampler!r}")
+        if not 0 < power <= 1:
+            raise ValueError(f"time_power must be in (0, 1], got {power}")
+        if bins < 1 or not 0 <= decay < 1 or not 0 < uniform_mix <= 1:
+            raise ValueError(f"p_pots needs bins >= 1, 0 <= decay < 1, 0 < uniform_mix <= 1; got {bins}, {decay}, "
+                             f"{uniform_mix}")
+        self.t_sampler, self.t_min, self.power = t_sampler, t_min, power
+        self.bins, self.decay, self.uniform_mix = bins, decay, uniform_mix
+        self.track_statistics = track_statistics or t_sampler == "p_pots"
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.loss_sum = torch.zeros(bins, dtype=torch.float64)
+        self.square_sum = torch.zeros(bins, dtype=torch.float64)
+
+    @classmethod
+    def from_config(cls, cfg, *, evaluation: bool = False) -> TimeSampler:
+        """From an ObjectiveConfig. Evaluation keeps MDLM's protocol: p_pots becomes the antithetic sampler."""
+        kind = "antithetic" if evaluation and cfg.t_sampler == "p_pots" else cfg.t_sampler
+        return cls(kind, t_min=cfg.t_min, power=cfg.time_power, bins=cfg.p_pots_bins, decay=cfg.p_pots_decay,
+                   uniform_mix=cfg.p_pots_uniform_mix,
+                   track_statistics=not evaluation and getattr(cfg, "score_baseline", "rloo") == "time_binned")
+
+    # -- drawing ------------------------------------------------------------------------------------------------
+    def proposal(self) -> Tensor:
+        """[bins] probability mass of each bin of s (uniform until every bin has been observed)."""
+        uniform = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
+        if self.t_sampler != "p_pots" or (self.count <= 0).any():
+            return uniform
+        root = (self.square_sum / self.count).sqrt()
+        if not torch.isfinite(root).all() or root.sum() <= 0:
+            return uniform
+        return (1 - self.uniform_mix) * root / root.sum() + self.uniform_mix * uniform
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """t [n] (float64) and their importance weights [n]."""
+        if self.t_sampler != "p_pots":
+            return sample_times(n, generator=generator, t_min=self.t_min, power=self.power,
+                                antithetic=self.t_sampler == "antithetic")
+        mass = self.proposal()
+        r = _stratified(n, generator, antithetic=True)  # stratified over the proposal's quantiles
+        upper = mass.cumsum(0)
+        upper[-1] = 1.0
+        j = torch.searchsorted(upper, r).clamp(max=self.bins - 1)
+        lower = upper[j] - mass[j]
+        s = ((j + ((r - lower) / mass[j]).clamp(0.0, 1.0)) / self.bins).clamp_min(torch.finfo(torch.float64).tiny)
+        log_v = s.log() / self.power  # weight c(s) / q(s), q(s) = bins * mass_j
+        weight = self._dv_ds(s) / (self.bins * mass[j])
+        return self.t_min + (1 - self.t_min) * log_v.exp(), weight
+
+    def coordinate(self, t: Tensor) -> Tensor:
+        """s = v^k of times t: the coordinate the bins are equal in (recomputed from t wherever needed)."""
+        v = ((t.to(torch.float64) - self.t_min) / (1 - self.t_min)).clamp(torch.finfo(torch.float64).tiny, 1.0)
+        return v ** self.power
+
+    def bin_of(self, t: Tensor) -> Tensor:
+        return (self.coordinate(t) * self.bins).long().clamp(0, self.bins - 1)
+
+    # -- statistics ---------------------------------------------------------------------------------------------
+    def baseline(self, t: Tensor, t_weight: Tensor) -> Tensor | None:
+        """Expected per-sequence loss at each t from earlier steps (t_weight x the bin's mean L), or None while
+        some bin has no data. Independent of this step's masks, so it is a valid score-function baseline."""
+        if (self.count <= 0).any():
+            return None
+        mean = self.loss_sum / self.count
+        return t_weight.to(torch.float64) * mean.to(t_weight.device)[self.bin_of(t).to(t_weight.device)]
+
+    def observe(self, t: Tensor, per_sequence: Tensor, t_weight: Tensor, group=None) -> None:
+        """Fold one step's per-sequence losses into the statistics (no-op unless tracked). Every rank must call it
+        once per step (possibly with empty tensors, e.g. non-last pipeline stages): the per-bin sums are reduced
+        over `group` (default: all ranks; tensor-parallel copies scale sums and counts alike)."""
+        if not self.track_statistics:
+            return
+        t, per_sequence, t_weight = (x.detach().to("cpu", torch.float64) for x in (t, per_sequence, t_weight))
+        loss = per_sequence / t_weight  # L(t)
+        g = loss * self._dv_ds(self.coordinate(t))  # L(t) c(s): what P-POTS integrates over s
+        j = self.bin_of(t)
+        stats = torch.zeros(3, self.bins, dtype=torch.float64)
+        stats[0].index_add_(0, j, torch.ones_like(loss))
+        stats[1].index_add_(0, j, loss)
+        stats[2].index_add_(0, j, g * g)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            stats = stats.to(backend_device)
+            dist.all_reduce(stats, group=group)
+            stats = stats.cpu()
+        for total, new in zip((self.count, self.loss_sum, self.square_sum), stats):
+            total.mul_(self.decay).add_(new)
+
+    def _dv_ds(self, s: Tensor) -> Tensor:
+        """c(s) = dv/ds = (1/k) s^(1/k - 1) of the map v = s^(1/k)."""
+        return torch.exp((1 / self.power - 1) * s.log()) / self.power
+
+    def state_dict(self) -> dict:
+        return {"t_sampler": self.t_sampler, "count": self.count.clone(), "loss_sum": self.loss_sum.clone(),
+                "square_sum": self.square_sum.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["count"].shape != self.count.shape:
+            raise ValueError(f"time-sampler state has {state['count'].numel()} bins, the config asks for {self.bins} "
+                             f"(objective.p_pots_bins)")
+        self.count.copy_(state["count"])
+        self.loss_sum.copy_(state["loss_sum"])
+        self.square_sum.copy_(state["square_sum"])

@@ -28,6 +28,7 @@ from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_re
 from mdm_scale.preemption import StopRequest
 from mdm_scale.sampling import ancestral_sample
 from mdm_scale.schedules import build_schedule
+from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
@@ -108,10 +109,11 @@ def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig, remote: str | None
     return list(itertools.islice(heldout, min(cfg.train.eval_batches, heldout.batches_per_epoch)))
 
 
-def _trainer_state(step, generator, batches) -> dict:
+def _trainer_state(step, generator, batches, sampler) -> dict:
     return {
         "step": step,
         "noise_rng": generator.get_state(),
+        "time_sampler": sampler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
         "tracker_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -119,8 +121,10 @@ def _trainer_state(step, generator, batches) -> dict:
     }
 
 
-def _restore_trainer_state(state, generator, batches) -> None:
+def _restore_trainer_state(state, generator, batches, sampler) -> None:
     generator.set_state(state["noise_rng"])
+    if "time_sampler" in state:
+        sampler.load_state_dict(state["time_sampler"])
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state["cuda_rng"].numel():
         torch.cuda.set_rng_state(state["cuda_rng"])
@@ -174,13 +178,14 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     denoiser, schedule = model["denoiser"], model["schedule"]
     engine = build_training_engine(model, cfg, dims)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
+    sampler = TimeSampler.from_config(cfg.objective)  # P-POTS statistics: identical on every rank, checkpointed
     step = 0
     ckpt_dir = run_dir / "checkpoints"
     layout = model_layout(model)  # checkpoints use layout-independent (global) tensor names
     if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals())):
         model.load_state_dict(to_local(ckpt.model, layout))
         engine.load_optimizer_state(ckpt.optimizer)
-        _restore_trainer_state(ckpt.trainer, generator, batches)
+        _restore_trainer_state(ckpt.trainer, generator, batches, sampler)
         step = ckpt.step
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dims.device.type == "cuda")
@@ -205,7 +210,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
         try:
             path = save_checkpoint(ckpt_dir, step, model=to_global(model.state_dict(), layout),
                                    optimizer=engine.optimizer_state(),
-                                   trainer=_trainer_state(step, generator, batches), shard=shard,
+                                   trainer=_trainer_state(step, generator, batches, sampler), shard=shard,
                                    keep=cfg.checkpoint.keep, metadata=partition_dims(layout))
         except CheckpointWriteError as e:
             if final:
@@ -227,23 +232,29 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
         micro_batches, document_ids = [x for x, _ in split], [ids for _, ids in split]
         with autocast:
             if dims.pipeline_parallel > 1:  # megatron's 1F1B schedule runs forward and backward
-                loss = last_stage_mean(pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
-                                                      document_ids=document_ids, **dp), dims.device)
+                all_terms = pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
+                                           sampler=sampler, document_ids=document_ids, **dp)
+                loss = last_stage_mean([terms.nelbo.item() for terms in all_terms], dims.device)
                 sync_pipeline_replicas(schedule)
                 finite = True  # the loss (on every stage) and the gradients are checked below
             else:
-                loss, finite = 0.0, True
+                loss, finite, all_terms = 0.0, True, []
                 for x0, ids in zip(micro_batches, document_ids):
-                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, document_ids=ids, **dp)
+                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, sampler=sampler,
+                                           document_ids=ids, **dp)
                     engine.backward(terms.loss)
                     loss += terms.nelbo.item() / len(micro_batches)
                     finite = finite and math.isfinite(terms.loss.item())
+                    all_terms.append(terms)
         # A NaN/inf is caught before the optimizer applies it; every rank takes the same decision.
         finite = _all_ranks_finite(finite and math.isfinite(loss), model, dims.device)
         if not finite and cfg.train.nonfinite == "stop":
             raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
                                      f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
         grad_norm = engine.step(skip=not finite)
+        if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
+            sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
+                              for k in ("t", "per_sequence", "t_weight")))
         step += 1
         loss = _data_parallel_mean(loss, dp_size, dims.device)
         result.losses[step] = loss
@@ -251,7 +262,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
             result.skipped.append(step)
             logger.write(f"WARNING: skipped step {step}: non-finite loss or gradient (loss {loss}); no update "
                          f"(train.nonfinite=skip, {len(result.skipped)} skipped so far)")
-        tokens = sum(x.numel() for x in micro_batches) * dp_size
+        tokens = sum(x.numel() for x in micro_batches) * dp_size * (2 if cfg.objective.mask_pairs == "mirror" else 1)
         logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluate()

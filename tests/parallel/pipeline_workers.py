@@ -38,8 +38,9 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
                     p.copy_(reference[name]["weights"][names[n]])
         batches = [torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
         documents_ids = [packed_documents(4, 16)] * len(batches) if documents else None
-        losses = pipeline_nelbo(denoiser, schedule, batches, cfg.objective, torch.Generator().manual_seed(3),
-                                document_ids=documents_ids)
+        terms = pipeline_nelbo(denoiser, schedule, batches, cfg.objective, torch.Generator().manual_seed(3),
+                               document_ids=documents_ids)
+        losses = [x.nelbo.item() for x in terms]
         out[name] = {
             "losses": losses,
             "grads": {names[n]: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.parallel import workers
 from tests.spawn import run_ranks
@@ -29,6 +30,23 @@ def test_data_parallel_matches_single_process_loss_trajectory(reference, tmp_pat
     for step, loss in reference["losses"].items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
     assert _max_abs_diff(reference["params"], ranks[0]["params"]) < 1e-5
+
+
+def test_p_pots_proposal_is_identical_on_every_rank_and_equals_single_process(tmp_path):
+    """The time proposal's statistics are reduced over all ranks: DP=2 holds DP=1's proposal on both ranks."""
+    p_pots = ["objective=mdm_ls", "objective.t_sampler=p_pots", "objective.p_pots_bins=4",
+              "objective.mask_pairs=mirror", "objective.score_baseline=time_binned"]
+    single = run_ranks(1, workers.train_run, [*STEPS, *p_pots, f"run_dir={tmp_path / 'one'}",
+                                              "data.micro_batch_size=8"])[0]
+    ranks = run_ranks(2, workers.train_run, [*STEPS, *p_pots, f"run_dir={tmp_path / 'two'}",
+                                             "data.micro_batch_size=4"])
+    first, second = (r["time_sampler"] for r in ranks)
+    for key in ("count", "loss_sum", "square_sum"):
+        assert torch.equal(first[key], second[key]), key
+        assert torch.allclose(first[key], single["time_sampler"][key], rtol=1e-6), key
+    assert (first["count"] > 0).all()
+    for step, loss in single["losses"].items():
+        assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
 
 
 @pytest.mark.parametrize("stage", [1, 2])

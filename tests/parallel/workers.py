@@ -33,7 +33,7 @@ def nelbo_gradients(rank: int, objectives: list[str], tensor_parallel: int) -> d
 def packed_documents(batch_size: int, seq_len: int) -> torch.Tensor:
     """[b, l] document ids of sequences packing three documents each, with boundaries varying by row; odd rows end
     in two positions of padding (no loss)."""
-    from data_pipeline.shards import PADDING_DOCUMENT_ID
+    from data_pipeline.shard_format import PADDING_DOCUMENT_ID
 
     positions = torch.arange(seq_len)[None, :]
     cuts = torch.tensor([[3 + r, 9 + r] for r in range(batch_size)])  # [b, 2]
@@ -100,6 +100,7 @@ def train_run(rank: int, overrides: list[str]) -> dict:
         "shard_shapes": {layout[n].global_name: p.shape for n, p in model.named_parameters()},
         "adam_state_numel": _numel(base.get("state", {})),
         "checkpoint": result.checkpoint,
+        "time_sampler": ckpt.trainer["time_sampler"],
     }
 
 
