@@ -187,6 +187,19 @@ class SamplingConfig:
     """Length of generated sequences (at most data.seq_len)."""
     temperature: float = 1.0
     """Softmax temperature of the token draws."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = the full distribution)."""
+    policy: str = "ancestral"
+    """Which masked positions each step reveals: ancestral (the schedule's reveal probabilities; LoMDM's learned
+    backward velocities) | random | left_to_right | confidence | entropy | eb (entropy-bounded, adaptive count)."""
+    beta: tuple[float, float] = (1.0, 1.0)
+    """(a, b) of the Beta time grid: t_k = 1 - BetaCDF(k / nfe; a, b); (1, 1) is the uniform grid."""
+    eb_gamma: float = 1.0
+    """eb policy: entropy budget per step (nats); 0 = one position per step, inf = everything in one step."""
+    eb_proxy: str = "entropy"
+    """eb policy: error proxy that ranks positions and fills the budget: entropy | confidence (1 - max prob)."""
+    remask_rate: float = 0.0
+    """ReMDM-style remasking: probability per step that an already generated token is masked again (0 = off)."""
 
 
 @dataclass

@@ -1,12 +1,29 @@
-"""Ancestral sampling: from t to s < t each masked position is revealed with the (backward) schedule's probability
-(alpha_i(s) - alpha_i(t)) / (1 - alpha_i(t)), then its token drawn from p_theta(. | z_t). NFE = number of steps.
-LoMDM reveals with its backward scheduler's velocities, 1 - (s/t)^{w_hat_i}.
+"""One sampler loop with pluggable pieces (docs/sampling.md): a Beta time grid, an order policy, optional
+ReMDM-style remasking; plus generation perplexity under an autoregressive checkpoint of this project.
+
+Time grid (Chen et al., "Masked Diffusion Models as Energy Minimization"): t_k = 1 - I_{k/N}(a, b), k = 0..N,
+with I the regularized incomplete beta function; Beta(1, 1) is the uniform grid 1 - k/N.
+
+Policies (which masked positions a step reveals; the token is then drawn from p_theta(. | z_t)):
+    ancestral      each masked i revealed with the schedule's (alpha_i(s) - alpha_i(t)) / (1 - alpha_i(t))
+                   (LoMDM: its backward scheduler's 1 - (s/t)^{w_hat_i}; MDM-LS: its learned exponents)
+    random | left_to_right | confidence (max prob first) | entropy (lowest entropy first)
+                   a fixed count per step, round(n_masked (t_k - t_{k+1}) / t_k), at least 1, all at the last step
+    eb             EB-sampler (Ben-Hamu et al., arXiv 2505.24857): the longest prefix of the masked positions sorted
+                   by error proxy e with sum(e) - max(e) <= gamma; runs until no mask is left (adaptive NFE)
 
     python -m mdm_scale.sampling runs/tiny/checkpoints/step_00000600 --num-samples 4 --nfe 64 --top-p 0.9
     python -m mdm_scale.sampling CKPT --prompt "In the beginning"        # prefix conditioning
+    python -m mdm_scale.sampling CKPT --policy eb --eb-gamma 0.5 --scorer runs/ar/checkpoints/step_00000600
+    python -m mdm_scale.sampling CKPT --nfe 16 --beta 2 1 --remask-rate 0.02
 """
 
 from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -15,6 +32,18 @@ from torch import Tensor
 
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.schedules import Schedule
+
+POLICIES = ("ancestral", "random", "left_to_right", "confidence", "entropy", "eb")
+EB_PROXIES = ("entropy", "confidence")
+TUNED_FILE = "tuned_schedule.json"
+
+
+@dataclass
+class Sample:
+    tokens: Tensor
+    """[num_samples, seq_len] token ids, no mask token."""
+    nfe: int
+    """Denoiser calls made (for `eb` the adaptive count; otherwise at most the requested nfe)."""
 
 
 def nucleus(probs: Tensor, top_p: float) -> Tensor:
@@ -29,8 +58,101 @@ def nucleus(probs: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+# ----------------------------------------------------------------------------------------------- time grid
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; converges for x < (a+1)/(a+b+2))."""
+    tiny, eps = 1e-300, 1e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) = P(X <= x) for X ~ Beta(a, b), float64 (no scipy in the env)."""
+    if a <= 0 or b <= 0:
+        raise ValueError(f"Beta parameters must be positive, got ({a}, {b})")
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_time_grid(nfe: int, beta: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """[nfe + 1] float64 times t_k = 1 - I_{k/nfe}(a, b), from 1 down to 0. Beta(1, 1) returns the uniform grid
+    torch.linspace(1, 0, nfe + 1) bit for bit."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    a, b = float(beta[0]), float(beta[1])
+    if a == 1.0 and b == 1.0:
+        return torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
+    times = torch.tensor([1.0 - betainc(a, b, k / nfe) for k in range(nfe + 1)], dtype=torch.float64)
+    times[0], times[-1] = 1.0, 0.0
+    return times
+
+
+def reveal_counts(num_masked: Tensor, t: float, s: float, last: bool) -> Tensor:
+    """[b] positions a fixed-count policy reveals from t to s < t: what a uniform (log-linear) schedule reveals on
+    average, round(n (t - s) / t), at least 1 while positions remain, all of them at the last step."""
+    n = num_masked.to(torch.float64)
+    if last or t <= 0:
+        return num_masked.clone()
+    count = torch.floor(n * (t - s) / t + 0.5).long()
+    return torch.minimum(count.clamp_min(1), num_masked)
+
+
+# ------------------------------------------------------------------------------------------------- sampler
+
+
+def _probabilities(denoiser: Denoiser, features: Tensor, temperature: float, top_p: float) -> Tensor:
+    """[n, h] features -> [n, V] token probabilities (TP logits gathered; temperature, nucleus)."""
+    logits = denoiser.output_logits(features).float()  # [n, v_shard]
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    probs = torch.softmax(logits[:, : denoiser.vocab_size] / max(temperature, 1e-6), dim=-1)
+    return nucleus(probs, top_p) if top_p < 1.0 else probs
+
+
+def _ranked_prefix(score: Tensor, candidates: Tensor, count: Tensor) -> Tensor:
+    """[b, l] bool: in each row the `count` candidate positions of smallest score (ties: leftmost first)."""
+    score = score.masked_fill(~candidates, float("inf"))
+    order = score.argsort(dim=-1, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[1], device=score.device)
+                                             .expand_as(order).contiguous())
+    return candidates & (rank < count[:, None])
+
+
+def eb_counts(proxy: Tensor, candidates: Tensor, gamma: float) -> Tensor:
+    """[b] EB-sampler counts: sorting each row's candidates by proxy e (ascending), the largest k with
+    e_(1) + ... + e_(k) - e_(k) <= gamma (the sum minus the max bounds the mutual information of the revealed
+    tokens); at least 1 while candidates remain."""
+    sorted_proxy = proxy.masked_fill(~candidates, float("inf")).sort(dim=-1).values
+    finite = torch.isfinite(sorted_proxy)
+    before = torch.where(finite, sorted_proxy, torch.zeros_like(sorted_proxy)).cumsum(-1) - \
+        torch.where(finite, sorted_proxy, torch.zeros_like(sorted_proxy))  # sum of the smaller ones
+    count = (finite & (before <= gamma)).sum(-1)
+    return torch.where(candidates.any(-1), count.clamp_min(1), torch.zeros_like(count))
+
+
 @torch.no_grad()
-def ancestral_sample(
+def generate(
     denoiser: Denoiser,
     schedule: Schedule,
     *,
@@ -42,50 +164,168 @@ def ancestral_sample(
     top_p: float = 1.0,
     prompt: Tensor | None = None,
     device: torch.device | str = "cpu",
-) -> Tensor:
-    """Generate [num_samples, seq_len] token ids with no mask token left.
+    policy: str = "ancestral",
+    beta: tuple[float, float] = (1.0, 1.0),
+    eb_gamma: float = 1.0,
+    eb_proxy: str = "entropy",
+    remask_rate: float = 0.0,
+) -> Sample:
+    """Generate [num_samples, seq_len] token ids with no mask token left (module doc, docs/sampling.md).
 
     Args:
-        nfe: number of denoiser calls; the time grid is uniform from 1 to 0.
-        temperature: divides the logits; top_p: nucleus sampling (the smallest set of tokens with probability
-            >= top_p; 1 = the full distribution, -> 0 = greedy).
-        prompt: optional [num_samples, seq_len] ids with -1 where the sampler should generate; other
-            positions are fixed (infilling / prefix conditioning).
+        nfe: time steps of the Beta grid (denoiser calls; `eb` ignores the grid and stops when nothing is masked,
+            and remasks only during its first nfe - 1 steps).
+        temperature: divides the logits; top_p: nucleus sampling (1 = the full distribution, -> 0 = greedy).
+            Confidence, entropy and the EB proxies are computed on this processed distribution.
+        prompt: optional [num_samples, seq_len] ids with -1 where the sampler should generate; other positions
+            are fixed (infilling / prefix conditioning) and never remasked.
+        policy: one of POLICIES. beta: (a, b) of the time grid. eb_gamma, eb_proxy: the `eb` policy's budget and
+            error proxy (entropy | confidence = 1 - max prob).
+        remask_rate: after each step but the last, every token generated at an earlier step is masked again with
+            this probability (0: no random number is drawn for it, so outputs equal the plain sampler's).
+    Returns a Sample (tokens, nfe = denoiser calls made).
     """
-    if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown sampling policy '{policy}'; valid: {', '.join(POLICIES)}")
+    if eb_proxy not in EB_PROXIES:
+        raise ValueError(f"unknown eb_proxy '{eb_proxy}'; valid: {', '.join(EB_PROXIES)}")
+    if not 0.0 <= remask_rate < 1.0:
+        raise ValueError(f"remask_rate must be in [0, 1), got {remask_rate}")
+    if eb_gamma < 0:
+        raise ValueError(f"eb_gamma must be >= 0, got {eb_gamma}")
+    times = beta_time_grid(nfe, beta)
     was_training = denoiser.training
     denoiser.eval()
     mask_id = denoiser.mask_id
     z = torch.full((num_samples, seq_len), mask_id, dtype=torch.long, device=device)
     if prompt is not None:
-        z = torch.where(prompt >= 0, prompt.to(device), z)
-    times = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
-    for k in range(nfe):
-        t = times[k].expand(num_samples).to(device)
-        s = times[k + 1].expand(num_samples).to(device)
-        hidden = denoiser(z, t.float())  # [b, l, h]
-        backward_logits = None
-        if "backward_scheduler" in denoiser.scheduler_heads:
-            backward_logits = denoiser.scheduler_logits("backward_scheduler", hidden)
-        reveal_prob = schedule.reveal_probability(t, s, seq_len, backward_logits)
-        if k == nfe - 1:
-            reveal_prob = torch.ones_like(reveal_prob)  # s = 0: everything is clean
+        z = torch.where(prompt.to(device) >= 0, prompt.to(device), z)
+        free = prompt.to(device) < 0  # positions the sampler generates
+    else:
+        free = torch.ones_like(z, dtype=torch.bool)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float64).expand(num_samples, -1)
+    calls, k = 0, 0
+    while True:
         masked = z == mask_id
-        uniforms = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
-        reveal = masked & (uniforms < reveal_prob)
-        if not reveal.any():
-            continue
-        logits = denoiser.output_logits(hidden[reveal]).float()  # [n, v_shard]
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)
-        probs = torch.softmax(logits[:, : denoiser.vocab_size] / max(temperature, 1e-6), dim=-1)  # [n, V]
-        if top_p < 1.0:
-            probs = nucleus(probs, top_p)
-        tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
-        z = z.masked_scatter(reveal, tokens)
+        if policy == "eb":
+            if not masked.any():
+                break
+            last = False
+            t = (masked.sum(-1).double() / free.sum(-1).clamp_min(1).double())  # fraction still masked
+        else:
+            if k == nfe or not masked.any():
+                break
+            last = k == nfe - 1
+            t = times[k].expand(num_samples).to(device)
+            s = times[k + 1].expand(num_samples).to(device)
+        hidden = denoiser(z, t.float())  # [b, l, h]
+        calls += 1
+        if policy == "ancestral":
+            backward_logits = None
+            if "backward_scheduler" in denoiser.scheduler_heads:
+                backward_logits = denoiser.scheduler_logits("backward_scheduler", hidden)
+            reveal_prob = schedule.reveal_probability(t, s, seq_len, backward_logits)
+            if last:
+                reveal_prob = torch.ones_like(reveal_prob)  # s = 0: everything is clean
+            uniforms = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
+            reveal = masked & (uniforms < reveal_prob)
+            probs = _probabilities(denoiser, hidden[reveal], temperature, top_p) if reveal.any() else None
+        else:
+            all_probs = _probabilities(denoiser, hidden[masked], temperature, top_p)  # [n_masked, V]
+            score = torch.zeros(num_samples, seq_len, dtype=torch.float64, device=device)
+            if policy == "random":
+                score = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
+            elif policy == "left_to_right":
+                score = positions
+            elif policy == "confidence" or (policy == "eb" and eb_proxy == "confidence"):
+                score = score.masked_scatter(masked, 1.0 - all_probs.max(-1).values.double())
+            else:  # entropy, eb with the entropy proxy
+                score = score.masked_scatter(masked, torch.special.entr(all_probs.double()).sum(-1))
+            if policy == "eb":
+                count = eb_counts(score, masked, eb_gamma)
+            else:
+                count = reveal_counts(masked.sum(-1), float(times[k]), float(times[k + 1]), last)
+            reveal = _ranked_prefix(score, masked, count)
+            probs = all_probs[reveal[masked]] if reveal.any() else None
+        if probs is not None:
+            tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
+            z = z.masked_scatter(reveal, tokens)
+        if remask_rate > 0 and k < nfe - 1:
+            previously_generated = free & ~masked  # clean before this step and not prompt
+            uniforms = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
+            z = z.masked_fill(previously_generated & (uniforms < remask_rate), mask_id)
+        k += 1
     denoiser.train(was_training)
-    return z
+    return Sample(z, calls)
+
+
+def sampler_options(sampling) -> dict:
+    """`generate` keyword arguments from a SamplingConfig (nfe, temperature, top_p, policy, beta, eb, remask)."""
+    return {"nfe": sampling.nfe, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "policy": sampling.policy, "beta": tuple(float(v) for v in sampling.beta), "eb_gamma": sampling.eb_gamma,
+            "eb_proxy": sampling.eb_proxy, "remask_rate": sampling.remask_rate}
+
+
+# ------------------------------------------------------------------------------- generation perplexity
+
+
+@dataclass
+class ArScorer:
+    """An `objective=ar` checkpoint of this project, loaded to score generated token ids."""
+
+    denoiser: Denoiser
+    schedule: Schedule
+    tokenizer: object
+    device: torch.device
+    checkpoint: str
+
+
+def load_scorer(checkpoint: str | Path) -> ArScorer:
+    """Load an autoregressive (left-to-right or right-to-left, block size 1) checkpoint for `generation_nll`."""
+    from mdm_scale.export import load_for_inference
+    from mdm_scale.schedules.block import BlockSchedule
+
+    cfg, tokenizer, model, dims = load_for_inference(checkpoint)
+    schedule = model["schedule"]
+    if not (isinstance(schedule, BlockSchedule) and schedule.block_size == 1):
+        raise ValueError(f"{checkpoint}: the scorer must be an autoregressive checkpoint (objective=ar), "
+                         f"its schedule is {type(schedule).__name__}")
+    return ArScorer(model["denoiser"], schedule, tokenizer, dims.device, str(checkpoint))
+
+
+@torch.no_grad()
+def generation_nll(tokens: Tensor, scorer: ArScorer, tokenizer=None) -> dict[str, float]:
+    """Mean NLL per token (nats) of [b, l] generated ids under the AR scorer (exact causal likelihood, one batched
+    pass of l copies per sequence) and its perplexity exp(NLL). `tokenizer`: the generator's, checked against the
+    scorer's."""
+    from mdm_scale.evaluation import exact_ar_nll
+
+    if tokenizer is not None and tokenizer.fingerprint() != scorer.tokenizer.fingerprint():
+        raise ValueError(f"the scorer {scorer.checkpoint} uses another tokenizer than the sampled model")
+    if tokens.shape[1] > scorer.denoiser.max_seq_len:
+        raise ValueError(f"sequences of length {tokens.shape[1]} exceed the scorer's max_seq_len "
+                         f"{scorer.denoiser.max_seq_len}")
+    if tokens.min() < 0 or tokens.max() >= scorer.denoiser.vocab_size:
+        raise ValueError("token ids outside the scorer's vocabulary (mask tokens left?)")
+    per_sequence = exact_ar_nll(scorer.denoiser, scorer.schedule, tokens.to(scorer.device))  # [b] nats/sequence
+    nll = per_sequence.sum().item() / tokens.numel()
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": tokens.numel()}
+
+
+def token_entropy(tokens: Tensor) -> float:
+    """Mean over sequences of the entropy (nats) of each sequence's token histogram (low = repetitive text)."""
+    out = []
+    for row in tokens.cpu():
+        counts = torch.bincount(row).double()
+        p = counts[counts > 0] / row.numel()
+        out.append(float(-(p * p.log()).sum()))
+    return sum(out) / max(len(out), 1)
+
+
+def read_tuned(checkpoint: str | Path) -> dict | None:
+    """The checkpoint's tuned_schedule.json (written by `python -m mdm_scale tune-schedule`), or None."""
+    path = Path(checkpoint) / TUNED_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,27 +339,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
-    p.add_argument("--nfe", type=int, default=64, help="denoiser calls (time steps)")
+    p.add_argument("--nfe", type=int, default=None,
+                   help=f"time steps (denoiser calls); default: the nfe of {TUNED_FILE} if present, else 64")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--prompt", default=None, help="text the samples start with (prefix conditioning)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default="ancestral", choices=POLICIES)
+    p.add_argument("--beta", type=float, nargs=2, default=None, metavar=("A", "B"),
+                   help=f"Beta(a, b) time grid; default: {TUNED_FILE} when its nfe matches, else 1 1 (uniform)")
+    p.add_argument("--eb-gamma", type=float, default=1.0, help="eb: budget of sum(proxy) - max(proxy) per step")
+    p.add_argument("--eb-proxy", default="entropy", choices=EB_PROXIES)
+    p.add_argument("--remask-rate", type=float, default=0.0, help="ReMDM-style remasking probability per step")
+    p.add_argument("--scorer", default=None, help="an objective=ar checkpoint: print the generation NLL / PPL")
     args = p.parse_args(argv)
     cfg, tokenizer, model, dims = load_for_inference(args.checkpoint)
     seq_len = args.seq_len or cfg.data.seq_len
+    tuned = read_tuned(args.checkpoint)
+    nfe = args.nfe or (int(tuned["nfe"]) if tuned else 64)
+    beta, source = (1.0, 1.0), "uniform"
+    if args.beta is not None:
+        beta, source = tuple(args.beta), "--beta"
+    elif tuned and int(tuned["nfe"]) == nfe:
+        beta, source = (float(tuned["beta"][0]), float(tuned["beta"][1])), TUNED_FILE
     prompt = None
     if args.prompt:
         ids = tokenizer.encode(args.prompt)[:seq_len]
         prompt = torch.full((args.num_samples, seq_len), -1, dtype=torch.long)
         prompt[:, : len(ids)] = torch.tensor(ids)
     start = time.perf_counter()
-    ids = ancestral_sample(model["denoiser"], model["schedule"], num_samples=args.num_samples, seq_len=seq_len,
-                           nfe=args.nfe, generator=torch.Generator().manual_seed(args.seed),
-                           temperature=args.temperature, top_p=args.top_p, prompt=prompt, device=dims.device)
+    out = generate(model["denoiser"], model["schedule"], num_samples=args.num_samples, seq_len=seq_len, nfe=nfe,
+                   generator=torch.Generator().manual_seed(args.seed), temperature=args.temperature,
+                   top_p=args.top_p, prompt=prompt, device=dims.device, policy=args.policy, beta=beta,
+                   eb_gamma=args.eb_gamma, eb_proxy=args.eb_proxy, remask_rate=args.remask_rate)
     seconds = time.perf_counter() - start
-    for i, row in enumerate(ids.cpu()):
+    for i, row in enumerate(out.tokens.cpu()):
         print(f"--- sample {i} ---\n{tokenizer.decode(row.tolist())}")
-    print(f"NFE {args.nfe}, {ids.numel() / seconds:,.0f} tokens/s ({args.num_samples} x {seq_len} in {seconds:.2f} s)")
+    print(f"NFE {out.nfe}, {out.tokens.numel() / seconds:,.0f} tokens/s ({args.num_samples} x {seq_len} in "
+          f"{seconds:.2f} s; policy {args.policy}, Beta({beta[0]:g}, {beta[1]:g}) time grid from {source})")
+    if args.scorer:
+        score = generation_nll(out.tokens, load_scorer(args.scorer), tokenizer)
+        print(f"generation NLL {score['nll']:.4f} nats/token, PPL {score['ppl']:.2f} under {args.scorer}; "
+              f"token entropy {token_entropy(out.tokens):.3f} nats")
     return 0
 
 

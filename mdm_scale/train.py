@@ -26,7 +26,7 @@ from mdm_scale.metrics import MetricsLogger
 from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.preemption import StopRequest
-from mdm_scale.sampling import ancestral_sample
+from mdm_scale.sampling import generate, sampler_options
 from mdm_scale.schedules import build_schedule
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
@@ -313,10 +313,9 @@ def _data_parallel_mean(value: float, dp_size: int, device: torch.device) -> flo
 
 def _sample(cfg, denoiser, schedule, tokenizer, dims, logger) -> list[str]:
     generator = torch.Generator().manual_seed(cfg.train.seed + 2)
-    ids = ancestral_sample(denoiser, schedule, num_samples=cfg.sampling.num_samples, seq_len=cfg.sampling.seq_len,
-                           nfe=cfg.sampling.nfe, generator=generator, temperature=cfg.sampling.temperature,
-                           device=dims.device)
-    texts = [tokenizer.decode(row.tolist()) for row in ids.cpu()]
+    sample = generate(denoiser, schedule, num_samples=cfg.sampling.num_samples, seq_len=cfg.sampling.seq_len,
+                      generator=generator, device=dims.device, **sampler_options(cfg.sampling))
+    texts = [tokenizer.decode(row.tolist()) for row in sample.tokens.cpu()]
     for i, text in enumerate(texts):
-        logger.write(f"--- sample {i} (NFE {cfg.sampling.nfe}) ---\n{text}")
+        logger.write(f"--- sample {i} (NFE {sample.nfe}, policy {cfg.sampling.policy}) ---\n{text}")
     return texts
