@@ -1,5 +1,6 @@
-"""The synthetic-order experiment: its data generator has the promised structure and the --quick pipeline runs
-end to end (three objectives trained, finite held-out NELBOs, learned orders read back, report and plots)."""
+"""The synthetic-order experiment: its data generator has the promised structure (x_i a table lookup of tokens to
+its right, the last two uniform), the exact floors are right, and the --quick pipeline runs end to end (learned
+and fixed objectives trained, finite held-out NELBOs, learned orders read back, report and plots)."""
 
 from __future__ import annotations
 
@@ -25,57 +26,93 @@ def so():
     sys.modules.pop("synthetic_order", None)
 
 
-def test_map_is_two_to_one_and_sequences_follow_the_right_neighbour(so):
-    f = so.make_map(16, seed=3)
+@pytest.mark.parametrize("task", ["chain2", "key"])
+def test_sequences_are_lookups_of_their_right_context(so, task):
+    g = so.make_table(8, seed=3, task=task)
+    assert g.shape == (8, 8) and g.min() >= 0 and g.max() < 8
+    x = so.generate(2000, 10, g, noise=0.0, rng=np.random.default_rng(0), task=task)
+    assert x.shape == (2000, 10) and x.min() >= 0 and x.max() < 8
+    second = np.arange(2, 10) if task == "chain2" else np.full(8, 9)
+    assert (x[:, :-2] == g[x[:, 1:-1], x[:, second]]).all()  # x_i = g(x_{i+1}, x_c(i)) everywhere
+    # The last two tokens are independent and uniform over the alphabet.
+    pairs = np.bincount(x[:, -2] * 8 + x[:, -1], minlength=64)
+    assert pairs.min() > 10 and abs(pairs.mean() - 2000 / 64) < 1e-9
+    # No lookup from the left determines the next token (the table is not invertible in its first argument).
+    left = {}
+    for row in x:
+        for i in range(8):
+            left.setdefault((row[i], row[i + 1]), set()).add(row[i + 2])
+    assert max(len(v) for v in left.values()) > 1
+    noisy = so.generate(4000, 10, g, noise=0.2, rng=np.random.default_rng(1), task=task)
+    hit = (noisy[:, :-2] == g[noisy[:, 1:-1], noisy[:, second]]).mean()
+    assert abs(hit - (0.8 + 0.2 / 8)) < 0.01  # resampled w.p. 0.2 (and lands on the lookup w.p. 1/V)
+
+
+def test_collapse_task_follows_a_two_to_one_map_from_the_left(so):
+    f = so.make_table(16, seed=3, task="collapse")
     counts = np.bincount(f, minlength=16)
-    assert sorted(set(counts.tolist())) == [0, 2] and (counts == 2).sum() == 8  # not invertible: R2L is unique
-    x = so.generate(500, 12, f, noise=0.0, rng=np.random.default_rng(0))
-    assert x.shape == (500, 12) and x.min() >= 0 and x.max() < 16
-    assert (x[:, :-1] == f[x[:, 1:]]).all()  # x_i = f(x_{i+1}) everywhere
-    assert not (x[:, 1:] == f[x[:, :-1]]).all()  # ... and not the other way round
-    assert len(np.unique(x[:, -1])) == 16  # the last token is uniform over the alphabet
-    noisy = so.generate(4000, 12, f, noise=0.2, rng=np.random.default_rng(1))
-    hit = (noisy[:, :-1] == f[noisy[:, 1:]]).mean()
-    assert abs(hit - (0.8 + 0.2 / 16)) < 0.01  # resampled w.p. 0.2 (and lands on f(x) w.p. 1/16)
+    assert f.shape == (16,) and sorted(set(counts.tolist())) == [0, 2] and (counts == 2).sum() == 8
+    x = so.generate(500, 12, f, noise=0.0, rng=np.random.default_rng(0), task="collapse")
+    assert (x[:, 1:] == f[x[:, :-1]]).all()  # x_{i+1} = f(x_i): a lookup from the right end backwards is not
+    assert len(np.unique(x[:, 0])) == 16  # the first token is uniform over the alphabet
+    assert len(np.unique(x[:, -1])) < 8  # ... and the right end has collapsed onto f's cycles (low entropy)
+    noisy = so.generate(4000, 12, f, noise=0.2, rng=np.random.default_rng(1), task="collapse")
+    assert abs((noisy[:, 1:] == f[noisy[:, :-1]]).mean() - (0.8 + 0.2 / 16)) < 0.01
 
 
-def test_entropy_rate_and_spearman(so):
-    f = so.make_map(16, seed=0)
-    assert so.true_nll_per_token(f, 8, 0.0) == pytest.approx(math.log(16) / 8)
-    assert so.true_nll_per_token(f, 8, 0.1) > so.true_nll_per_token(f, 8, 0.0)
-    x = so.generate(20000, 8, f, noise=0.1, rng=np.random.default_rng(2))
-    assert so.exact_nll_per_token(x, f, 0.1) == pytest.approx(so.true_nll_per_token(f, 8, 0.1), abs=0.01)
-    assert so.spearman([0, 1, 2, 3], [1.0, 2.0, 5.0, 9.0]) == pytest.approx(1.0)
-    assert so.spearman([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
-    # Exponents increasing with position = right-to-left generation (larger w = revealed earlier).
-    stats = so.generation_order_stats(np.array([0.3, 0.8, 1.5, 4.0]), samples=4000)
-    assert stats["p_right_neighbour_first"] > 0.6
-    assert np.all(np.diff(stats["mean_generation_step"]) < 0)
-    flat = so.generation_order_stats(np.ones(4), samples=4000)
-    assert abs(flat["p_right_neighbour_first"] - 0.5) < 0.03
+@pytest.mark.parametrize("task", ["collapse", "chain2", "key"])
+def test_floors(so, task):
+    g = so.make_table(16, seed=0, task=task)
+    sources = 1 if task == "collapse" else 2
+    assert so.true_nll_per_token(16, 8, 0.0, task) == pytest.approx(sources * math.log(16) / 8)
+    assert so.true_nll_per_token(16, 8, 0.1, task) > so.true_nll_per_token(16, 8, 0.0, task)
+    x = so.generate(20000, 8, g, noise=0.1, rng=np.random.default_rng(2), task=task)
+    assert so.exact_nll_per_token(x, g, 0.1, task) == pytest.approx(so.true_nll_per_token(16, 8, 0.1, task),
+                                                                     abs=0.01)
+    clean = so.generate(100, 8, g, noise=0.0, rng=np.random.default_rng(3), task=task)
+    assert so.exact_nll_per_token(clean, g, 0.0, task) == pytest.approx(sources * math.log(16) / 8)
+
+
+def test_objective_specs(so):
+    s = so.Settings()
+    assert so.objective_overrides("right_to_left", s) == ["objective=ar", "objective.schedule.kind=right_to_left"]
+    assert "objective.score_baseline=time_binned" in so.objective_overrides("mdm_ls:time_binned", s)
+    for bad in ("mdlm:rloo", "mdm_ls:nope", "nope"):
+        with pytest.raises(ValueError):
+            so.parse_objective(bad)
 
 
 def test_quick_pipeline_reports_finite_nelbos_and_learned_orders(so, tmp_path):
-    report = so.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path / "out")])
-    assert report["objectives"] == ["mdlm", "mdm_ls", "lomdm"]
-    assert len(report["records"]) == 6
+    report = so.main(["--quick", "--seeds", "0", "1", "--objectives", "mdlm", "mdm_ls", "lomdm:time_binned",
+                      "--references", "--out", str(tmp_path / "out")])
+    objectives = ["mdlm", "mdm_ls", "lomdm:time_binned", "right_to_left", "ar"]
+    assert report["objectives"] == objectives
+    assert len(report["records"]) == 10
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert on_disk["summary"].keys() == report["summary"].keys()
+    assert on_disk["summary"].keys() == report["summary"].keys() == set(objectives)
+    assert on_disk["machine_start"]["cpu_count"] >= 1 and on_disk["wall_s"] > 0
     seq_len = report["settings"]["seq_len"]
     for r in report["records"]:
         assert math.isfinite(r["final_nelbo"]) and 0 < r["final_nelbo"] < 20
-        assert len(r["evals"]) >= 2
-        if r["objective"] == "mdlm":
+        assert len(r["curve"]) >= 2 and r["curve"][-1][1] == r["final_nelbo"]
+        if r["objective"] in ("mdlm", "right_to_left", "ar"):
             assert "exponents" not in r
         else:
             w = np.array(r["exponents"])
             assert w.shape == (seq_len,) and np.all((w >= 0.25) & (w <= 0.25 + report["settings"]["exponent_range"]))
-            assert -1 <= r["spearman_position_w"] <= 1
+            assert -1 <= r["spearman_position_w"] <= 1 and 0 <= r["p_right_neighbour_first"] <= 1
             assert len(r["mean_generation_step"]) == seq_len
-    for obj in ("mdm_ls", "lomdm"):
+    assert np.array(next(r for r in report["records"] if r["objective"] == "lomdm:time_binned")
+                    ["exponents_per_sample_head"]).shape[1] == seq_len
+    for obj in ("mdm_ls", "lomdm:time_binned", "right_to_left"):
         e = report["summary"][obj]
         assert e["margin_below_mdlm"] == pytest.approx(report["summary"]["mdlm"]["mean"] - e["mean"])
         assert isinstance(e["beats_mdlm_beyond_noise"], bool) and len(e["paired_differences"]) == 2
-    assert "| mdlm |" in report["table"] and "| lomdm |" in report["table"]
+    assert "margin_below_right_to_left" in report["summary"]["mdm_ls"]
+    assert report["data"]["heldout_exact_nll_per_token"] > 0
+    assert "| mdlm |" in report["table"] and "| lomdm:time_binned |" in report["table"]
+    names = {Path(p).name for p in report["plots"]}
+    assert names == {"synthetic_order_learned_order.png", "synthetic_order_nelbo.png",
+                     "synthetic_order_heatmap_mdm_ls.png", "synthetic_order_heatmap_lomdm-time_binned.png"}
     for p in report["plots"]:
         assert Path(p).stat().st_size > 1000
