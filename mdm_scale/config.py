@@ -89,6 +89,9 @@ class ObjectiveConfig:
     """p_pots: per-step decay of the binned second-moment statistics (an exponential moving average)."""
     p_pots_uniform_mix: float = 0.1
     """p_pots: weight of the uniform density mixed into the proposal (bounds the importance weights by 1/mix)."""
+    p_pots_power: float = 0.5
+    """p_pots: bins are equal in s = v^c, c = min(time_power, p_pots_power), v the normalised time: fine bins
+    near t = 0, where MDLM's 1/t weight makes the loss heavy-tailed (docs/objective.md, section 4b)."""
     velocity_weight: float = 1.0
     """lomdm only: weight of the velocity-matching term (1 = the NELBO)."""
     score_function: bool = True

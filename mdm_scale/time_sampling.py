@@ -2,15 +2,18 @@
 
 Every sampler returns t in (t_min, 1] with an importance weight that keeps the estimator unbiased for
 (1 - t_min)^-1 * integral_{t_min}^1 of the per-t loss (the NELBO when t_min = 0). Write v = (t - t_min)/(1 - t_min)
-and s = v^k (k = time_power): statistics and proposals are binned in s.
+and s = v^c with c = min(time_power, p_pots_power): statistics and proposals are binned in s, finely near t = 0
+where the weights A_i(t) = w_i / t make the loss heavy-tailed.
 
 * uniform / antithetic, time_power k = 1 (MDLM): v = s, weight 1; antithetic stratifies s over the batch,
   s_b = (s + b/B) mod 1 (MDLM's low-discrepancy sampler).
 * k < 1 (learned schedules): half the batch draws v = s, half v = s^(1/k) (density k v^(k-1), mass near 0), each
   group stratified, and every sample gets the balance-heuristic weight 1 / (f_u + f_k k v^(k-1)).
   Position i's term has finite variance iff w_i > k (docs/objective.md).
-* p_pots: s is drawn from a piecewise-constant density q over `p_pots_bins` equal bins, v = s^(1/k), weight
-  c(s) / q(s) with c(s) = dv/ds. The estimator's variance is integral m2(s) / q(s) ds - NELBO^2, where m2(s) is
+* p_pots: s is drawn from a piecewise-constant density q over `p_pots_bins` equal bins, v = s^(1/c), weight
+  c(s) / q(s) with c(s) = dv/ds. (With equal bins in t itself, MDLM's 1/t weight would keep the variance
+  log-divergent inside the first bin; in s = t^(1/2) the density near 0 grows like t^(-1/2), which makes it
+  finite.) The estimator's variance is integral m2(s) / q(s) ds - NELBO^2, where m2(s) is
   the second moment of g(s) = L(t(s)) c(s) (L: the per-sequence loss at t, over masks and data); among
   piecewise-constant densities the minimiser is q_j proportional to sqrt(mean of m2 over bin j) (Cauchy-Schwarz).
   m2 is estimated online from the training losses (`observe`: decayed per-bin sums, reduced over every rank, so
@@ -96,7 +99,8 @@ class TimeSampler:
     """
 
     def __init__(self, t_sampler: str = "antithetic", *, t_min: float = 1e-3, power: float = 1.0, bins: int = 32,
-                 decay: float = 0.99, uniform_mix: float = 0.1, track_statistics: bool = False):
+                 decay: float = 0.99, uniform_mix: float = 0.1, bin_power: float = 0.5,
+                 track_statistics: bool = False):
         if t_sampler not in T_SAMPLERS:
             raise ValueError(f"objective.t_sampler must be one of {', '.join(T_SAMPLERS)}, got {t_sampler!r}")
         if not 0 < power <= 1:
@@ -104,7 +108,10 @@ class TimeSampler:
         if bins < 1 or not 0 <= decay < 1 or not 0 < uniform_mix <= 1:
             raise ValueError(f"p_pots needs bins >= 1, 0 <= decay < 1, 0 < uniform_mix <= 1; got {bins}, {decay}, "
                              f"{uniform_mix}")
+        if not 0 < bin_power <= 1:
+            raise ValueError(f"p_pots_power must be in (0, 1], got {bin_power}")
         self.t_sampler, self.t_min, self.power = t_sampler, t_min, power
+        self.bin_power = min(power, bin_power)  # c: bins are equal in s = v^c
         self.bins, self.decay, self.uniform_mix = bins, decay, uniform_mix
         self.track_statistics = track_statistics or t_sampler == "p_pots"
         self.count = torch.zeros(bins, dtype=torch.float64)
@@ -116,7 +123,7 @@ class TimeSampler:
         """From an ObjectiveConfig. Evaluation keeps MDLM's protocol: p_pots becomes the antithetic sampler."""
         kind = "antithetic" if evaluation and cfg.t_sampler == "p_pots" else cfg.t_sampler
         return cls(kind, t_min=cfg.t_min, power=cfg.time_power, bins=cfg.p_pots_bins, decay=cfg.p_pots_decay,
-                   uniform_mix=cfg.p_pots_uniform_mix,
+                   uniform_mix=cfg.p_pots_uniform_mix, bin_power=cfg.p_pots_power,
                    track_statistics=not evaluation and getattr(cfg, "score_baseline", "rloo") == "time_binned")
 
     # -- drawing ------------------------------------------------------------------------------------------------
@@ -142,14 +149,14 @@ class TimeSampler:
         j = torch.searchsorted(upper, r).clamp(max=self.bins - 1)
         lower = upper[j] - mass[j]
         s = ((j + ((r - lower) / mass[j]).clamp(0.0, 1.0)) / self.bins).clamp_min(torch.finfo(torch.float64).tiny)
-        log_v = s.log() / self.power  # weight c(s) / q(s), q(s) = bins * mass_j
+        log_v = s.log() / self.bin_power  # weight (dv/ds) / q(s), q(s) = bins * mass_j
         weight = self._dv_ds(s) / (self.bins * mass[j])
         return self.t_min + (1 - self.t_min) * log_v.exp(), weight
 
     def coordinate(self, t: Tensor) -> Tensor:
-        """s = v^k of times t: the coordinate the bins are equal in (recomputed from t wherever needed)."""
+        """s = v^c of times t: the coordinate the bins are equal in (recomputed from t wherever needed)."""
         v = ((t.to(torch.float64) - self.t_min) / (1 - self.t_min)).clamp(torch.finfo(torch.float64).tiny, 1.0)
-        return v ** self.power
+        return v ** self.bin_power
 
     def bin_of(self, t: Tensor) -> Tensor:
         return (self.coordinate(t) * self.bins).long().clamp(0, self.bins - 1)
@@ -186,8 +193,8 @@ class TimeSampler:
             total.mul_(self.decay).add_(new)
 
     def _dv_ds(self, s: Tensor) -> Tensor:
-        """c(s) = dv/ds = (1/k) s^(1/k - 1) of the map v = s^(1/k)."""
-        return torch.exp((1 / self.power - 1) * s.log()) / self.power
+        """dv/ds = (1/c) s^(1/c - 1) of the map v = s^(1/c)."""
+        return torch.exp((1 / self.bin_power - 1) * s.log()) / self.bin_power
 
     def state_dict(self) -> dict:
         return {"t_sampler": self.t_sampler, "count": self.count.clone(), "loss_sum": self.loss_sum.clone(),

@@ -95,7 +95,7 @@ def test_mirror_pairs_have_complementary_masks(dims):
 
 
 def test_p_pots_proposal_is_proportional_to_root_second_moment_and_draws_follow_it():
-    sampler = TimeSampler("p_pots", t_min=0.0, power=1.0, bins=4, uniform_mix=0.2)
+    sampler = TimeSampler("p_pots", t_min=0.0, power=1.0, bins=4, uniform_mix=0.2, bin_power=1.0)  # bins in t
     assert torch.allclose(sampler.proposal(), torch.full((4,), 0.25, dtype=torch.float64))  # no data yet: uniform
     # Observed g = L c(s) = per_sequence (k = 1, weight 1): 1 in bin 0, 3 in bin 3, 2 in bins 1-2.
     t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
