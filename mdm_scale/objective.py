@@ -147,9 +147,11 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     b, l = x0.shape
     # Weight: A_i(t) at masked positions, times the importance weight of t.
     weight = (masking.weight * noised.t_weight[:, None]).to(torch.float32)  # [b, l]
-    # SUBS: unmasked positions copy their input, so only masked positions need logits; the fused head returns
-    # sum_i weight_i NLL_i (gradients for features, head and weights) and the per-position NLL.
-    rows = masked.nonzero(as_tuple=True)
+    # SUBS: unmasked positions copy their input, so only masked positions need logits, and of those only the ones
+    # with a nonzero weight (AR / block schedules weight just the positions of the active slice: this skips the
+    # head for the rest); the fused head returns sum_i weight_i NLL_i (gradients for features, head and weights)
+    # and the per-position NLL.
+    rows = (masked & (weight != 0)).nonzero(as_tuple=True)
     weighted_sum, nll = denoiser.weighted_nll(hidden[rows], x0[rows], weight[rows])
     reconstruction = torch.zeros(b, dtype=torch.float32, device=x0.device).index_add_(
         0, rows[0], weight[rows].detach() * nll)  # [b], detached
