@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (LEARNED_KINDS, TrainSettings, compare_to_baseline, generation_order_stats,  # noqa: E402
+from common import (TrainSettings, compare_to_baseline, generation_order_stats,  # noqa: E402
                     learned_exponents, limit_threads, machine_load, mean_std, override_settings, run_config,
                     spearman, train_run, write_token_dataset)
 
