@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", nargs="+", default=["mdlm", "mdm_ls"])
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--data", nargs="+", default=["fixed", "resampled"], choices=["fixed", "resampled"])
+    p.add_argument("--at", nargs="+", default=["initial", "trained"], choices=["initial", "trained"],
+                   help="which parameters to measure at")
     p.add_argument("--draws", type=int, default=64, help="gradient draws per estimator (pairs = draws / 2)")
     p.add_argument("--warmup", type=int, default=64, help="forward-only draws that fit P-POTS's proposal")
     p.add_argument("--batch", type=int, default=8, help="rows per draw (equal tokens for every estimator)")
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for objective in args.objectives:
         tokenizer, checkpoints = models(objective, args)
         pool = heldout_pool(checkpoints[0][1], tokenizer, args.pool)
+        checkpoints = [c for c in checkpoints if c[0].split()[0] in args.at]
         for (label, cfg, model), data_mode in itertools.product(checkpoints, args.data):
             model.train()  # as in training (tiny has no dropout)
             results = {}
