@@ -288,7 +288,7 @@ def exponent_table(summary: dict) -> str:
 
 def plot(records: list[dict], summary: dict, out_dir: Path, prefix: str = "uci",
          reference: float | None = None) -> list[str]:
-    from mdm_scale.plots import exponent_heatmap, training_curves, _pyplot
+    from mdm_scale.plots import exponent_heatmap, pyplot, save_figure, training_curves
 
     paths = [training_curves({f"{r['objective']} s{r['seed']}": r["curve"] for r in records},
                              out_dir / f"{prefix}_nelbo.png",
@@ -301,7 +301,7 @@ def plot(records: list[dict], summary: dict, out_dir: Path, prefix: str = "uci",
         e = summary["exponents"]
         paths.append(exponent_heatmap(np.array(e["mean"]), out_dir / f"{prefix}_mdm_ls_schedule.png",
                                       title="UCI Adult, MDM-LS (mean w over seeds); position = column"))
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 4))
         pos = np.arange(len(COLUMN_NAMES))
         for r in (r for r in records if "exponents" in r):
@@ -313,10 +313,7 @@ def plot(records: list[dict], summary: dict, out_dir: Path, prefix: str = "uci",
         ax.set(ylabel="learned w_i (larger = generated earlier)", title="UCI Adult, MDM-LS: learned exponent per column")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"{prefix}_mdm_ls_exponents.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(str(path))
+        paths.append(save_figure(fig, out_dir / f"{prefix}_mdm_ls_exponents.png"))
     return paths
 
 

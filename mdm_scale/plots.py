@@ -20,7 +20,8 @@ import numpy as np
 Curve = Sequence[tuple[int, float]]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +30,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> str:
+def save_figure(fig, path, *, dpi: int = 120) -> str:
+    """Write `fig` to `path` (parents created), close it, return the path as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return str(path)
 
 
@@ -73,7 +75,7 @@ def training_curves(curves: Mapping[str, Curve], path, *, title: str = "Held-out
     colors: {prefix: colour}; a label takes the colour of the longest prefix it starts with (so "mdlm s0",
     "mdlm s1" share one colour, and only the first of them is put in the legend). hlines: {label: y} drawn
     dashed (e.g. an exact floor)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     seen = set()
     for label, curve in curves.items():
@@ -95,7 +97,7 @@ def training_curves(curves: Mapping[str, Curve], path, *, title: str = "Held-out
         ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def exponent_heatmap(exponents, path, *, title: str | None = None, time_points: int = 100,
@@ -107,7 +109,7 @@ def exponent_heatmap(exponents, path, *, title: str | None = None, time_points: 
     stays bright up to large t is revealed early in generation.
     exponents [n, L] (LoMDM, per-sample w_i(x)): left, one row per sample (first `max_rows`) coloured by w_i(x);
     right, alpha_i(t) for the mean exponents."""
-    plt = _pyplot()
+    plt = pyplot()
     w = np.asarray(exponents, dtype=float)
     if w.ndim not in (1, 2):
         raise ValueError(f"exponents must be [L] or [n, L], got shape {w.shape}")
@@ -134,7 +136,7 @@ def exponent_heatmap(exponents, path, *, title: str | None = None, time_points: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reveal_time_by_position(exponents, path, *, title: str | None = None, colors: Mapping[str, str] | None = None,
@@ -144,7 +146,7 @@ def reveal_time_by_position(exponents, path, *, title: str | None = None, colors
 
     colors: {prefix: colour} as in `training_curves`. Dotted: MDLM (w = 1: E[tau] = 1/2, uniform order);
     dashed (right panel): the exact right-to-left order."""
-    plt = _pyplot()
+    plt = pyplot()
     series = _as_dict(exponents)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     length = None
@@ -177,7 +179,7 @@ def reveal_time_by_position(exponents, path, *, title: str | None = None, colors
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------ wandb

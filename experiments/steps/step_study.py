@@ -225,12 +225,9 @@ def md_tables(report: dict) -> str:
 
 
 def plot(report: dict, plots: Path) -> list[str]:
-    import matplotlib
+    from mdm_scale.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     written = []
     for model in report["models"]:
         rows = [r for r in report["rows"] if r["model"] == model]
@@ -256,10 +253,7 @@ def plot(report: dict, plots: Path) -> list[str]:
                 ax.grid(alpha=0.3)
         axes[0, 0].legend()
         fig.tight_layout()
-        path = plots / f"steps_{model}_vs_nfe.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(save_figure(fig, plots / f"steps_{model}_vs_nfe.png", dpi=90))
         # direct theory view: vs L at fixed NFE and at NFE = L (ancestral)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for nfe, vals in report["theory"][model].items():
@@ -274,10 +268,7 @@ def plot(report: dict, plots: Path) -> list[str]:
             ax.set_title(f"{model}, ancestral sampler")
         axes[1].legend()
         fig.tight_layout()
-        path = plots / f"steps_{model}_vs_length.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(save_figure(fig, plots / f"steps_{model}_vs_length.png", dpi=90))
     return written
 
 
