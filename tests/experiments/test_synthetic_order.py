@@ -4,26 +4,17 @@ and fixed objectives trained, finite held-out NELBOs, learned orders read back, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "synthetic_order.py"
-
 
 @pytest.fixture(scope="module")
-def so():
-    spec = importlib.util.spec_from_file_location("synthetic_order", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["synthetic_order"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("synthetic_order", None)
+def so(load_experiment):
+    return load_experiment("synthetic_order")
 
 
 @pytest.mark.parametrize("task", ["chain2", "key"])

@@ -4,25 +4,16 @@ AR NLL for `ar`, and the plots."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "text_objectives.py"
-
 
 @pytest.fixture(scope="module")
-def to():
-    spec = importlib.util.spec_from_file_location("text_objectives", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["text_objectives"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("text_objectives", None)
+def to(load_experiment):
+    return load_experiment("text_objectives")
 
 
 def test_read_metrics_separates_eval_and_training_curves(to, tmp_path):

