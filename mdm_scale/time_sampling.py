@@ -124,7 +124,7 @@ class TimeSampler:
         kind = "antithetic" if evaluation and cfg.t_sampler == "p_pots" else cfg.t_sampler
         return cls(kind, t_min=cfg.t_min, power=cfg.time_power, bins=cfg.p_pots_bins, decay=cfg.p_pots_decay,
                    uniform_mix=cfg.p_pots_uniform_mix, bin_power=cfg.p_pots_power,
-                   track_statistics=not evaluation and getattr(cfg, "score_baseline", "rloo") == "time_binned")
+                   track_statistics=not evaluation and cfg.score_baseline == "time_binned")
 
     # -- drawing ------------------------------------------------------------------------------------------------
     def proposal(self) -> Tensor:
