@@ -78,6 +78,10 @@ class TrainingNoise:
     baseline: Tensor | None
     """Score-function baseline per row from earlier steps (`time_binned`), or None for RLOO."""
 
+    def rows(self, x: Tensor | None) -> Tensor | None:
+        """The batch's rows for this noise: tokens or document ids [b, ...], doubled when mirrored."""
+        return mirror_rows(x) if self.mirrored else x
+
 
 def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler: TimeSampler,
                    generator: torch.Generator, device: torch.device, *, data_parallel_rank: int = 0,
@@ -261,11 +265,9 @@ def training_nelbo(
     sampler = sampler or TimeSampler.from_config(cfg)
     noise = training_noise(b, l, cfg, sampler, generator, x0.device, data_parallel_rank=data_parallel_rank,
                            data_parallel_size=data_parallel_size)
-    if noise.mirrored:
-        x0, document_ids = mirror_rows(x0), mirror_rows(document_ids)
     return nelbo(
-        denoiser, schedule, x0, noise.t, noise.t_weight, noise.uniforms,
+        denoiser, schedule, noise.rows(x0), noise.t, noise.t_weight, noise.uniforms,
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
-        reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=document_ids,
+        reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=noise.rows(document_ids),
         mirrored=noise.mirrored, baseline=noise.baseline,
     )

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
-from mdm_scale.objective import apply_noise, document_masks, mirror_rows, nelbo_from_features, training_noise
+from mdm_scale.objective import NelboTerms, apply_noise, document_masks, nelbo_from_features, training_noise
 from mdm_scale.schedules import Schedule
 from mdm_scale.time_sampling import TimeSampler
 
@@ -48,7 +48,7 @@ def pipeline_nelbo(
     data_parallel_rank: int = 0,
     data_parallel_size: int = 1,
     data_parallel_group=None,
-) -> list:
+) -> list[NelboTerms]:
     """Forward (and backward unless `forward_only`) of the NELBO over `micro_batches` through the pipeline.
 
     Gradients accumulate in the parameters of this stage, averaged over micro-batches. Returns the NelboTerms
@@ -67,11 +67,10 @@ def pipeline_nelbo(
     sampler = sampler or TimeSampler.from_config(cfg)
     noise = [training_noise(b, l, cfg, sampler, generator, device, data_parallel_rank=data_parallel_rank,
                             data_parallel_size=data_parallel_size) for _ in micro_batches]
-    document_ids = document_ids or [None] * len(micro_batches)
-    if cfg.mask_pairs == "mirror":  # every stage doubles the same way
-        micro_batches = [mirror_rows(x) for x in micro_batches]
-        document_ids = [mirror_rows(ids) for ids in document_ids]
-        b *= 2
+    # Every stage pairs the rows the same way (MIRROR doubles them).
+    micro_batches = [n.rows(x) for n, x in zip(noise, micro_batches)]
+    document_ids = [n.rows(ids) for n, ids in zip(noise, document_ids or [None] * len(micro_batches))]
+    b = micro_batches[0].shape[0]
     masks, loss_masks = zip(*[document_masks(ids) for ids in document_ids])
     reduce_group = data_parallel_group if data_parallel_size > 1 else None
     run = get_forward_backward_func()
@@ -101,7 +100,7 @@ def pipeline_nelbo(
             forward_logits[i] = _broadcast_from_last_stage(logits)
 
     # Pass 2: z_t through the pipeline; the loss on the last stage.
-    terms_out = []
+    terms_out: list[NelboTerms] = []
 
     def train_step(data_iterator, model):
         i = next(data_iterator)
