@@ -10,6 +10,10 @@ independent estimators and `batch / 2` sequences x 2 for MIRROR (a pair is two r
 * `fixed`: every draw sees the same held-out batch; only t and the masks vary (the noise these methods target).
 * `resampled`: every draw takes a fresh random batch of held-out sequences, so data noise is included as in
   training; MIRROR then sees half as many distinct sequences per draw, which it pays for.
+* `within`: both draws of a pair share one batch, a fresh one per pair: E_x Var(g | x), the t and mask noise
+  averaged over batches (`fixed` measures it on one batch only). `resampled` minus `within` is the data noise
+  Var_x E[g | x], which no time / mask sampler can remove; at equal tokens MIRROR doubles it (half the sequences),
+  so MIRROR's ratio to uniform is at least 2 x (data share of uniform's variance).
 
 Draws are paired across estimators (the same data at draw k). P-POTS's proposal is first fitted on `--warmup`
 draws at the same parameters (forward only) and then frozen.
@@ -126,10 +130,16 @@ def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str
     sequences = args.batch // 2 if mask_pairs == "mirror" else args.batch
     data = torch.Generator().manual_seed(1234)  # the same batches for every estimator (paired)
 
-    def batch():
+    current = None
+
+    def batch(k: int = 0):
+        nonlocal current
         if data_mode == "fixed":
             return pool[:sequences]
-        return pool[torch.randint(0, len(pool), (sequences,), generator=data)]
+        if data_mode == "within" and k % 2 == 1:  # the second draw of a pair reuses the first's batch
+            return current
+        current = pool[torch.randint(0, len(pool), (sequences,), generator=data)]
+        return current
 
     if t_sampler == "p_pots":  # fit the proposal at these parameters, then freeze it
         for k in range(args.warmup):
@@ -138,7 +148,7 @@ def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str
         data = torch.Generator().manual_seed(1234)
     loss_pairs, grad_pairs, previous = [], [], None
     for k in range(args.draws):
-        loss, grad, _ = draw(model, ocfg, sampler, batch(), seed=k, with_grad=True)
+        loss, grad, _ = draw(model, ocfg, sampler, batch(k), seed=k, with_grad=True)
         if previous is None:
             previous = (loss, grad)
             continue
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", nargs="+", default=["mdlm", "mdm_ls"])
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
-    p.add_argument("--data", nargs="+", default=["fixed", "resampled"], choices=["fixed", "resampled"])
+    p.add_argument("--data", nargs="+", default=["fixed", "resampled"], choices=["fixed", "resampled", "within"])
     p.add_argument("--at", nargs="+", default=["initial", "trained"], choices=["initial", "trained"],
                    help="which parameters to measure at")
     p.add_argument("--draws", type=int, default=64, help="gradient draws per estimator (pairs = draws / 2)")

@@ -45,7 +45,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from source import OracleDenoiser, make_source  # noqa: E402
 
-from common import TrainSettings, limit_threads, machine_load, run_config, train_run, write_token_dataset  # noqa: E402
+from common import (TrainSettings, limit_threads, machine_load, override_settings, run_config,  # noqa: E402
+                    train_run, write_token_dataset)
 
 OFFSET = ord("a")
 
@@ -125,11 +126,13 @@ def train_model(src, seq_len: int, a, out: Path):
     batch = max(a.tokens_per_step // seq_len, 4)
     s = TrainSettings(seq_len=seq_len, steps=a.steps, eval_every=a.steps, batch=batch, lr=a.lr, warmup=20,
                       eval_batches=1, eval_time_samples=2, layers=2, hidden=64, heads=4)
+    override_settings(s, a, ("layers", "hidden", "heads"))
     cfg = run_config(["objective=mdlm"], data_dir=data, run_dir=out / f"run_L{seq_len}", name=f"steps_L{seq_len}",
                      seed=a.seed, s=s)
     res = train_run(cfg)
     _, _, model, _ = load_for_inference(res["checkpoint"])
-    rec = {"seq_len": seq_len, "batch": batch, "steps": a.steps, "final_nelbo": res["final_nelbo"],
+    rec = {"seq_len": seq_len, "batch": batch, "steps": a.steps, "layers": s.layers, "hidden": s.hidden,
+           "final_nelbo": res["final_nelbo"],
            "source_nll_per_token": src.expected_nll_per_token(seq_len), "wall_s": res["wall_s"],
            "checkpoint": res["checkpoint"]}
     print(f"  trained L={seq_len}: held-out NELBO {res['final_nelbo']:.4f} vs source {rec['source_nll_per_token']:.4f} "
@@ -296,6 +299,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens-per-step", type=int, default=2048)
     p.add_argument("--train-tokens", type=int, default=1 << 19)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--layers", type=int, default=None, help="trained denoiser depth (default 2)")
+    p.add_argument("--hidden", type=int, default=None, help="trained denoiser width (default 64)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samplers", nargs="*", default=["ancestral", "confidence", "eb", "beta"],
                    choices=["ancestral", "confidence", "eb", "beta"])
