@@ -40,13 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-ESTIMATORS = {  # name -> (t_sampler, mask_pairs)
-    "uniform": ("uniform", "independent"),
-    "antithetic": ("antithetic", "independent"),
-    "mirror": ("antithetic", "mirror"),
-    "p_pots": ("p_pots", "independent"),
-    "mirror+p_pots": ("p_pots", "mirror"),
+ESTIMATORS = {  # name -> (t_sampler, mask_pairs, p_pots_statistic)
+    "uniform": ("uniform", "independent", "sequence"),
+    "antithetic": ("antithetic", "independent", "sequence"),
+    "mirror": ("antithetic", "mirror", "sequence"),
+    "p_pots": ("p_pots", "independent", "sequence"),
+    "mirror+p_pots": ("p_pots", "mirror", "sequence"),
+    "p_pots:token": ("p_pots", "independent", "token"),
+    "mirror+p_pots:token": ("p_pots", "mirror", "token"),
 }
+DEFAULT_ESTIMATORS = ["uniform", "antithetic", "mirror", "p_pots", "mirror+p_pots"]
 T_95 = 1.96  # normal quantile; pairs >= 32 keep the t quantile within 4% of it
 
 
@@ -124,8 +127,8 @@ def pair_estimate(values: list[float]) -> tuple[float, float]:
 def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str) -> dict:
     from mdm_scale.time_sampling import TimeSampler
 
-    t_sampler, mask_pairs = ESTIMATORS[estimator]
-    ocfg = replace(cfg.objective, t_sampler=t_sampler, mask_pairs=mask_pairs)
+    t_sampler, mask_pairs, statistic = ESTIMATORS[estimator]
+    ocfg = replace(cfg.objective, t_sampler=t_sampler, mask_pairs=mask_pairs, p_pots_statistic=statistic)
     sampler = TimeSampler.from_config(ocfg)
     sequences = args.batch // 2 if mask_pairs == "mirror" else args.batch
     data = torch.Generator().manual_seed(1234)  # the same batches for every estimator (paired)
@@ -144,7 +147,7 @@ def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str
     if t_sampler == "p_pots":  # fit the proposal at these parameters, then freeze it
         for k in range(args.warmup):
             _, _, terms = draw(model, ocfg, sampler, batch(), seed=10_000 + k, with_grad=False)
-            sampler.observe(terms.t, terms.per_sequence, terms.t_weight)
+            sampler.observe(terms.t, terms.per_sequence, terms.t_weight, terms.token_square)
         data = torch.Generator().manual_seed(1234)
     loss_pairs, grad_pairs, previous = [], [], None
     for k in range(args.draws):
@@ -168,7 +171,8 @@ def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", nargs="+", default=["mdlm", "mdm_ls"])
-    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    p.add_argument("--estimators", nargs="+", default=DEFAULT_ESTIMATORS, choices=list(ESTIMATORS),
+                   help="':token' = P-POTS fitted to the per-token second moment (objective.p_pots_statistic)")
     p.add_argument("--data", nargs="+", default=["fixed", "resampled"], choices=["fixed", "resampled", "within"])
     p.add_argument("--at", nargs="+", default=["initial", "trained"], choices=["initial", "trained"],
                    help="which parameters to measure at")

@@ -92,6 +92,10 @@ class ObjectiveConfig:
     p_pots_power: float = 0.5
     """p_pots: bins are equal in s = v^c, c = min(time_power, p_pots_power), v the normalised time: fine bins
     near t = 0, where MDLM's 1/t weight makes the loss heavy-tailed (docs/objective.md, section 4b)."""
+    p_pots_statistic: str = "sequence"
+    """p_pots: the second moment the proposal follows. sequence: the squared per-sequence loss (optimal for the
+    loss estimator's variance) | token: the sum of squared per-token terms, sum_i (A_i NLL_i)^2, a proxy for the
+    gradient's second moment when per-token gradients are nearly uncorrelated (docs/objective.md, section 4b)."""
     velocity_weight: float = 1.0
     """lomdm only: weight of the velocity-matching term (1 = the NELBO)."""
     score_function: bool = True

@@ -39,6 +39,8 @@ class NelboTerms:
     t: Tensor
     """[b] the rows' times and [b] importance weights (for the time sampler's statistics)."""
     t_weight: Tensor
+    token_square: Tensor
+    """[b] sum over positions of the squared per-position terms (detached; P-POTS's `token` statistic)."""
 
 
 def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
@@ -157,15 +159,19 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     # and the per-position NLL.
     rows = (masked & (weight != 0)).nonzero(as_tuple=True)
     weighted_sum, nll = denoiser.weighted_nll(hidden[rows], x0[rows], weight[rows])
-    reconstruction = torch.zeros(b, dtype=torch.float32, device=x0.device).index_add_(
-        0, rows[0], weight[rows].detach() * nll)  # [b], detached
+    terms = weight[rows].detach() * nll
+    reconstruction = torch.zeros(b, dtype=torch.float32, device=x0.device).index_add_(0, rows[0], terms)  # [b]
+    token_square = torch.zeros(b, dtype=torch.float64, device=x0.device).index_add_(
+        0, rows[0], terms.double().square())
     velocity = torch.zeros_like(reconstruction)
     if isinstance(schedule, StateDependentSchedule):
         w = masking.exponents  # [b, l]
         w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
         # A = w / t and A_hat = w_hat / t share the 1/t factor, which becomes part of the weight.
         inv_t = (noised.t_weight / t)[:, None].to(torch.float32)
-        velocity = (masked * inv_t * velocity_matching(w.to(torch.float32), w_hat)).sum(-1)
+        per_position = masked * inv_t * velocity_matching(w.to(torch.float32), w_hat)
+        velocity = per_position.sum(-1)
+        token_square = token_square + (velocity_weight * per_position.detach().double()).square().sum(-1)
     per_sequence = reconstruction + velocity_weight * velocity.detach()  # [b], detached
 
     # Normalise per token (MDLM: over all tokens, masked or not).
@@ -189,6 +195,7 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         masked_fraction=masked.float().mean(),
         t=t.detach(),
         t_weight=noised.t_weight.detach(),
+        token_square=token_square,
     )
 
 

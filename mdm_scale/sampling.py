@@ -43,7 +43,10 @@ class Sample:
     tokens: Tensor
     """[num_samples, seq_len] token ids, no mask token."""
     nfe: int
-    """Denoiser calls made (for `eb` the adaptive count; otherwise at most the requested nfe)."""
+    """Denoiser steps taken (for `eb` the adaptive count; otherwise at most the requested nfe)."""
+    evaluations: int
+    """Forward passes actually run: <= nfe, since a step whose input equals the previous step's (nothing was
+    revealed) reuses that output when the denoiser is not time-conditioned, as MDLM's sampler does."""
 
 
 def nucleus(probs: Tensor, top_p: float) -> Tensor:
@@ -169,6 +172,7 @@ def generate(
     eb_gamma: float = 1.0,
     eb_proxy: str = "entropy",
     remask_rate: float = 0.0,
+    reuse_unchanged: bool = True,
 ) -> Sample:
     """Generate [num_samples, seq_len] token ids with no mask token left (module doc, docs/sampling.md).
 
@@ -183,7 +187,9 @@ def generate(
             error proxy (entropy | confidence = 1 - max prob).
         remask_rate: after each step but the last, every token generated at an earlier step is masked again with
             this probability (0: no random number is drawn for it, so outputs equal the plain sampler's).
-    Returns a Sample (tokens, nfe = denoiser calls made).
+        reuse_unchanged: skip the forward pass of a step whose input is unchanged, if the denoiser ignores t (no
+            time embedding): the output is identical, so samples do not change; only `evaluations` drops.
+    Returns a Sample (tokens, nfe = denoiser steps, evaluations = forward passes run).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown sampling policy '{policy}'; valid: {', '.join(POLICIES)}")
@@ -204,7 +210,9 @@ def generate(
     else:
         free = torch.ones_like(z, dtype=torch.bool)
     positions = torch.arange(seq_len, device=device, dtype=torch.float64).expand(num_samples, -1)
-    calls, k = 0, 0
+    calls, evaluations, k = 0, 0, 0
+    reusable = reuse_unchanged and getattr(denoiser, "time_embedding", None) is None
+    hidden, z_of_hidden = None, None
     while True:
         masked = z == mask_id
         if policy == "eb":
@@ -218,7 +226,9 @@ def generate(
             last = k == nfe - 1
             t = times[k].expand(num_samples).to(device)
             s = times[k + 1].expand(num_samples).to(device)
-        hidden = denoiser(z, t.float())  # [b, l, h]
+        if hidden is None or not reusable or not torch.equal(z, z_of_hidden):
+            hidden, z_of_hidden = denoiser(z, t.float()), z  # [b, l, h]
+            evaluations += 1
         calls += 1
         if policy == "ancestral":
             backward_logits = None
@@ -256,7 +266,7 @@ def generate(
             z = z.masked_fill(previously_generated & (uniforms < remask_rate), mask_id)
         k += 1
     denoiser.train(was_training)
-    return Sample(z, calls)
+    return Sample(z, calls, evaluations)
 
 
 def sampler_options(sampling) -> dict:
@@ -375,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     for i, row in enumerate(out.tokens.cpu()):
         print(f"--- sample {i} ---\n{tokenizer.decode(row.tolist())}")
-    print(f"NFE {out.nfe}, {out.tokens.numel() / seconds:,.0f} tokens/s ({args.num_samples} x {seq_len} in "
+    print(f"NFE {out.nfe} ({out.evaluations} forward passes), {out.tokens.numel() / seconds:,.0f} tokens/s ({args.num_samples} x {seq_len} in "
           f"{seconds:.2f} s; policy {args.policy}, Beta({beta[0]:g}, {beta[1]:g}) time grid from {source})")
     if args.scorer:
         score = generation_nll(out.tokens, load_scorer(args.scorer), tokenizer)

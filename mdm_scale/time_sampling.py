@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 T_SAMPLERS = ("uniform", "antithetic", "p_pots")
+P_POTS_STATISTICS = ("sequence", "token")
 
 
 def _stratified(n: int, generator: torch.Generator, antithetic: bool) -> Tensor:
@@ -94,13 +95,14 @@ class TimeSampler:
     """The configured time proposal plus, when something needs them, online per-bin loss statistics.
 
     Statistics (decayed sums over steps, per bin of s): count, sum of L (the per-sequence loss without importance
-    weight, for `time_binned` score-function baselines) and sum of g^2 = (L c(s))^2 (for the P-POTS proposal).
+    weight, for `time_binned` score-function baselines) and sum of g^2 = (L c(s))^2 (for the P-POTS proposal;
+    with statistic `token`, g^2 = c(s)^2 sum_i l_i^2 over the sequence's per-position terms l_i instead).
     They are the sampler's whole state: `state_dict` goes into the checkpoint.
     """
 
     def __init__(self, t_sampler: str = "antithetic", *, t_min: float = 1e-3, power: float = 1.0, bins: int = 32,
                  decay: float = 0.99, uniform_mix: float = 0.1, bin_power: float = 0.5,
-                 track_statistics: bool = False):
+                 statistic: str = "sequence", track_statistics: bool = False):
         if t_sampler not in T_SAMPLERS:
             raise ValueError(f"objective.t_sampler must be one of {', '.join(T_SAMPLERS)}, got {t_sampler!r}")
         if not 0 < power <= 1:
@@ -110,6 +112,10 @@ class TimeSampler:
                              f"{uniform_mix}")
         if not 0 < bin_power <= 1:
             raise ValueError(f"p_pots_power must be in (0, 1], got {bin_power}")
+        if statistic not in P_POTS_STATISTICS:
+            raise ValueError(f"objective.p_pots_statistic must be one of {', '.join(P_POTS_STATISTICS)}, "
+                             f"got {statistic!r}")
+        self.statistic = statistic
         self.t_sampler, self.t_min, self.power = t_sampler, t_min, power
         self.bin_power = min(power, bin_power)  # c: bins are equal in s = v^c
         self.bins, self.decay, self.uniform_mix = bins, decay, uniform_mix
@@ -123,7 +129,7 @@ class TimeSampler:
         """From an ObjectiveConfig. Evaluation keeps MDLM's protocol: p_pots becomes the antithetic sampler."""
         kind = "antithetic" if evaluation and cfg.t_sampler == "p_pots" else cfg.t_sampler
         return cls(kind, t_min=cfg.t_min, power=cfg.time_power, bins=cfg.p_pots_bins, decay=cfg.p_pots_decay,
-                   uniform_mix=cfg.p_pots_uniform_mix, bin_power=cfg.p_pots_power,
+                   uniform_mix=cfg.p_pots_uniform_mix, bin_power=cfg.p_pots_power, statistic=cfg.p_pots_statistic,
                    track_statistics=not evaluation and cfg.score_baseline == "time_binned")
 
     # -- drawing ------------------------------------------------------------------------------------------------
@@ -170,20 +176,28 @@ class TimeSampler:
         mean = self.loss_sum / self.count
         return t_weight.to(torch.float64) * mean.to(t_weight.device)[self.bin_of(t).to(t_weight.device)]
 
-    def observe(self, t: Tensor, per_sequence: Tensor, t_weight: Tensor, group=None) -> None:
+    def observe(self, t: Tensor, per_sequence: Tensor, t_weight: Tensor, token_square: Tensor | None = None,
+                group=None) -> None:
         """Fold one step's per-sequence losses into the statistics (no-op unless tracked). Every rank must call it
         once per step (possibly with empty tensors, e.g. non-last pipeline stages): the per-bin sums are reduced
-        over `group` (default: all ranks; tensor-parallel copies scale sums and counts alike)."""
+        over `group` (default: all ranks; tensor-parallel copies scale sums and counts alike). `token_square`
+        ([b], NelboTerms.token_square) is required by the `token` statistic."""
         if not self.track_statistics:
             return
         t, per_sequence, t_weight = (x.detach().to("cpu", torch.float64) for x in (t, per_sequence, t_weight))
         loss = per_sequence / t_weight  # L(t)
-        g = loss * self._dv_ds(self.coordinate(t))  # L(t) c(s): what P-POTS integrates over s
+        dv_ds = self._dv_ds(self.coordinate(t))
+        if self.statistic == "token":
+            if token_square is None:
+                raise ValueError("p_pots_statistic=token needs the per-sequence token_square of NelboTerms")
+            g2 = token_square.detach().to("cpu", torch.float64) / t_weight.square() * dv_ds.square()
+        else:
+            g2 = (loss * dv_ds).square()  # g = L(t) c(s): what P-POTS integrates over s
         j = self.bin_of(t)
         stats = torch.zeros(3, self.bins, dtype=torch.float64)
         stats[0].index_add_(0, j, torch.ones_like(loss))
         stats[1].index_add_(0, j, loss)
-        stats[2].index_add_(0, j, g * g)
+        stats[2].index_add_(0, j, g2)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             backend_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
             stats = stats.to(backend_device)

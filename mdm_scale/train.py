@@ -254,7 +254,7 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
         grad_norm = engine.step(skip=not finite)
         if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
             sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
-                              for k in ("t", "per_sequence", "t_weight")))
+                              for k in ("t", "per_sequence", "t_weight", "token_square")))
         step += 1
         loss = _data_parallel_mean(loss, dp_size, dims.device)
         result.losses[step] = loss

@@ -62,7 +62,8 @@ def sample_cell(denoiser, schedule, src, seq_len: int, *, policy: str, nfe: int,
     out = generate(denoiser, schedule, num_samples=num_samples, seq_len=seq_len, nfe=nfe,
                    generator=torch.Generator().manual_seed(seed), policy=policy, beta=tuple(beta), eb_gamma=gamma)
     x = out.tokens.cpu().numpy() - offset
-    return {**src.metrics(x), "nfe": int(out.nfe), "seconds": time.perf_counter() - start}
+    return {**src.metrics(x), "nfe": int(out.nfe), "evaluations": int(out.evaluations),
+            "seconds": time.perf_counter() - start}
 
 
 def tune_beta(denoiser, schedule, src, seq_len: int, nfe: int, grid, num_samples: int, seed: int,

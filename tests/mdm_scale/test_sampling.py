@@ -264,6 +264,28 @@ def test_remask_rate_zero_reproduces_the_plain_sampler_token_for_token(dims):
     assert torch.equal(out.tokens, ref)
 
 
+@pytest.mark.parametrize("schedule,heads", [SCHEDULES[0], SCHEDULES[4]], ids=["loglinear", "lomdm"])
+def test_unchanged_inputs_reuse_the_forward_pass_without_changing_samples(dims, schedule, heads):
+    """Many grid steps reveal nothing when nfe > length: a denoiser that ignores t gives the same output for the
+    same input, so the pass is reused (as MDLM's sampler does) and the samples equal the recomputing sampler's."""
+    denoiser = _denoiser(heads)
+    kwargs = dict(num_samples=3, seq_len=16, nfe=64, prompt=_prompt())
+    calls = _count_calls(denoiser)
+    plain = generate(denoiser, schedule, generator=torch.Generator().manual_seed(5), reuse_unchanged=False, **kwargs)
+    assert plain.nfe == plain.evaluations == len(calls) > 32  # (it stops early once nothing is masked)
+    calls.clear()
+    reused = generate(denoiser, schedule, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(reused.tokens, plain.tokens) and reused.nfe == plain.nfe
+    assert reused.evaluations == len(calls) < plain.nfe  # counted at the module, not only reported
+    assert reused.evaluations >= 12  # each step that revealed something (12 free positions) needs a new pass
+    time_conditioned = Denoiser(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2,
+                                            time_conditioning=True), vocab_size=11, max_seq_len=16,
+                                scheduler_heads=heads)
+    calls = _count_calls(time_conditioned)
+    out = generate(time_conditioned, schedule, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert out.evaluations == out.nfe == len(calls)  # its output depends on t: every step is a new pass
+
+
 @pytest.mark.parametrize("policy", ["ancestral", "confidence", "eb"])
 def test_remasking_changes_the_samples_but_leaves_no_mask_and_keeps_the_prompt(dims, policy):
     denoiser = _denoiser()

@@ -112,6 +112,36 @@ def test_p_pots_proposal_is_proportional_to_root_second_moment_and_draws_follow_
     assert sampler.count[0] == pytest.approx(1 + sampler.decay) and sampler.count[3] == pytest.approx(sampler.decay)
 
 
+def test_token_statistic_follows_per_token_squares_which_nelbo_reports(dims):
+    """p_pots_statistic=token: the proposal is sqrt of the binned sum of squared per-position terms (not of the
+    squared sequence loss), and NelboTerms.token_square is that sum, recomputed here from the denoiser's logits."""
+    sampler = TimeSampler("p_pots", t_min=0.0, power=1.0, bins=4, uniform_mix=0.2, bin_power=1.0, statistic="token")
+    t, ones = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    sampler.observe(t, 5 * ones, ones, torch.tensor([1.0, 4.0, 4.0, 9.0], dtype=torch.float64))
+    expected = 0.8 * torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64) / 8 + 0.2 / 4
+    assert torch.allclose(sampler.proposal(), expected)  # the per-sequence losses (all 5) would give uniform
+    with pytest.raises(ValueError, match="token_square"):
+        sampler.observe(t, 5 * ones, ones)
+    with pytest.raises(ValueError, match="p_pots_statistic must be one of sequence, token"):
+        TimeSampler("p_pots", statistic="gradient")
+
+    denoiser, schedule = make_denoiser(), UnivariateSchedule("polynomial")  # mask iff u < t, weight 1/t
+    g = torch.Generator().manual_seed(3)
+    x0, t = torch.randint(0, V, (16, L), generator=g), torch.rand(16, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    t_weight, uniforms = 1 + torch.rand(16, generator=g, dtype=torch.float64), torch.rand(16, L, generator=g,
+                                                                                          dtype=torch.float64)
+    with torch.no_grad():
+        terms = nelbo(denoiser, schedule, x0, t, t_weight, uniforms, score_function=False)
+        masked = uniforms < t[:, None]
+        z = torch.where(masked, torch.full_like(x0, denoiser.mask_id), x0)
+        logp = denoiser.output_logits(denoiser(z, t.float())).double().log_softmax(-1)
+        per_position = masked * (t_weight / t)[:, None] * -logp.gather(-1, x0[..., None])[..., 0]
+    assert (masked.sum(1) > 1).any()  # squares of sums differ from sums of squares
+    assert torch.allclose(terms.per_sequence.double(), per_position.sum(1), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(terms.token_square, per_position.square().sum(1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(terms.token_square, terms.per_sequence.double().square(), rtol=1e-2)
+
+
 def test_time_sampler_state_round_trips_and_rejects_another_bin_count():
     sampler = skewed_sampler(0.2)
     other = TimeSampler("p_pots", t_min=0.0, power=0.2, bins=8)
