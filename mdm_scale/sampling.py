@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     for i, row in enumerate(out.tokens.cpu()):
         print(f"--- sample {i} ---\n{tokenizer.decode(row.tolist())}")
-    print(f"NFE {out.nfe} ({out.evaluations} forward passes), {out.tokens.numel() / seconds:,.0f} tokens/s ({args.num_samples} x {seq_len} in "
-          f"{seconds:.2f} s; policy {args.policy}, Beta({beta[0]:g}, {beta[1]:g}) time grid from {source})")
+    print(f"NFE {out.nfe}, {out.evaluations} forward passes, {out.tokens.numel() / seconds:,.0f} tokens/s "
+          f"({args.num_samples} x {seq_len} in {seconds:.2f} s; policy {args.policy}, "
+          f"Beta({beta[0]:g}, {beta[1]:g}) time grid from {source})")
     if args.scorer:
         score = generation_nll(out.tokens, load_scorer(args.scorer), tokenizer)
         print(f"generation NLL {score['nll']:.4f} nats/token, PPL {score['ppl']:.2f} under {args.scorer}; "

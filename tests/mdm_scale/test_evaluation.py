@@ -60,4 +60,4 @@ def test_sampling_cli_generates_from_a_checkpoint_with_a_prompt(dims, ar_checkpo
     out = capsys.readouterr().out
     samples = [block.split("\n", 1)[1] for block in out.split("--- sample ")[1:]]
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
-    assert "NFE 16," in out and "tokens/s" in out
+    assert "NFE 16, " in out and " forward passes, " in out and "tokens/s" in out
