@@ -210,7 +210,7 @@ def generate(
     else:
         free = torch.ones_like(z, dtype=torch.bool)
     positions = torch.arange(seq_len, device=device, dtype=torch.float64).expand(num_samples, -1)
-    calls, evaluations, k = 0, 0, 0
+    k, evaluations = 0, 0  # k: steps taken (Sample.nfe)
     reusable = reuse_unchanged and getattr(denoiser, "time_embedding", None) is None
     hidden, z_of_hidden = None, None
     while True:
@@ -229,7 +229,6 @@ def generate(
         if hidden is None or not reusable or not torch.equal(z, z_of_hidden):
             hidden, z_of_hidden = denoiser(z, t.float()), z  # [b, l, h]
             evaluations += 1
-        calls += 1
         if policy == "ancestral":
             backward_logits = None
             if "backward_scheduler" in denoiser.scheduler_heads:
@@ -266,7 +265,7 @@ def generate(
             z = z.masked_fill(previously_generated & (uniforms < remask_rate), mask_id)
         k += 1
     denoiser.train(was_training)
-    return Sample(z, calls, evaluations)
+    return Sample(z, k, evaluations)
 
 
 def sampler_options(sampling) -> dict:
