@@ -99,3 +99,74 @@ def order_likelihood(order_probs: dict, nll: Tensor) -> float:
             revealed.add(i)
         total += p * math.exp(log_p)
     return total
+
+
+def plackett_luce_nelbo(exponents: Tensor, nll: Tensor) -> Tensor:
+    """Prop. 3.1 by dynamic programming over the 2^l mask patterns instead of the l! orders; differentiable in
+    `exponents` (so an order distribution can be optimised exactly at a fixed denoiser).
+
+    P(the revealed set is R after k steps) is accumulated layer by layer; from pattern p (masked set M) the next
+    position is i in M with probability w_i / sum_{j in M} w_j and costs nll[p, i].
+
+    Args:
+        exponents: [l] positive w_i (larger = generated earlier).
+        nll: [2^l, l] per-position NLL under each pattern, rows as in `all_patterns` (or their mean over sequences).
+    """
+    l = nll.shape[1]
+    w = exponents.to(torch.float64)
+    nll = nll.to(torch.float64)
+    bit = [1 << (l - 1 - i) for i in range(l)]  # pattern_index: position 0 is the most significant bit
+    reach = {(1 << l) - 1: torch.ones((), dtype=torch.float64)}
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(l):
+        following: dict[int, Tensor] = {}
+        for pattern, p in reach.items():
+            masked = [i for i in range(l) if pattern & bit[i]]
+            step = p * w[masked] / w[masked].sum()
+            total = total + (step * nll[pattern, masked]).sum()
+            for j, i in enumerate(masked):
+                following[pattern ^ bit[i]] = following.get(pattern ^ bit[i], 0.0) + step[j]
+        reach = following
+    return total
+
+
+def fixed_order_nelbo(order, nll: Tensor) -> float:
+    """sum_k nll[pattern before step k, order_k] for one generation order (a sequence of positions)."""
+    l = nll.shape[1]
+    pattern, total = (1 << l) - 1, 0.0
+    for i in order:
+        total += nll[pattern, i].item()
+        pattern ^= 1 << (l - 1 - i)
+    return total
+
+
+def best_order(nll: Tensor) -> tuple[tuple[int, ...], float]:
+    """The generation order with the lowest `fixed_order_nelbo` (shortest path through the pattern lattice,
+    O(2^l l) instead of l!)."""
+    l = nll.shape[1]
+    cost = nll.to(torch.float64).tolist()
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}  # from pattern -> (cost to finish, order)
+    for pattern in range(1, 1 << l):  # a pattern's successors have fewer set bits, so smaller indices
+        best[pattern] = min((cost[pattern][i] + best[pattern ^ (1 << (l - 1 - i))][0],
+                             (i,) + best[pattern ^ (1 << (l - 1 - i))][1])
+                            for i in range(l) if pattern & (1 << (l - 1 - i)))
+    value, order = best[(1 << l) - 1]
+    return order, value
+
+
+def pattern_nll_batch(denoiser: Denoiser, x0: Tensor, patterns: Tensor, *, scheduler_head: str | None = None,
+                      rows_per_pass: int = 8192) -> tuple[Tensor, Tensor | None]:
+    """`pattern_nll` for many sequences at once: x0 [n, l] -> NLL [n, P, l] and, if `scheduler_head` is named,
+    that head's logits on every pattern's features [n, P, l] (LoMDM's backward scheduler)."""
+    n, l = x0.shape
+    z = torch.where(patterns[None], torch.full((1, 1, 1), denoiser.mask_id, dtype=torch.long), x0[:, None, :])
+    z, targets = z.reshape(-1, l), x0[:, None, :].expand(-1, len(patterns), -1).reshape(-1, l)
+    nll, head = [], []
+    for start in range(0, len(z), rows_per_pass):
+        hidden = denoiser(z[start:start + rows_per_pass])  # [r, l, h]
+        nll.append(token_nll(denoiser.output_logits(hidden.flatten(0, 1)),
+                             targets[start:start + rows_per_pass].flatten()).view(-1, l))
+        if scheduler_head is not None:
+            head.append(denoiser.scheduler_logits(scheduler_head, hidden))
+    head_out = torch.cat(head).view(n, len(patterns), l) if head else None
+    return torch.cat(nll).view(n, len(patterns), l), head_out
