@@ -116,6 +116,15 @@ def draw(model, cfg, sampler, x0: torch.Tensor, seed: int, with_grad: bool):
     return terms.nelbo.item(), flat, terms
 
 
+def schedule_coordinates(model) -> torch.Tensor:
+    """Bool mask over the flattened gradient of `draw`: True at the learned schedule's parameters (MDM-LS
+    position logits, LoMDM scheduler heads), whose gradient is the score-function term's."""
+    from mdm_scale.schedules import is_schedule_parameter
+
+    return torch.cat([torch.full((p.numel(),), is_schedule_parameter(name))
+                      for name, p in model.named_parameters() if p.requires_grad])
+
+
 def pair_estimate(values: list[float]) -> tuple[float, float]:
     """Mean and 95% half-width of per-pair unbiased variance estimates."""
     n = len(values)
@@ -149,16 +158,20 @@ def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str
             _, _, terms = draw(model, ocfg, sampler, batch(), seed=10_000 + k, with_grad=False)
             sampler.observe(terms.t, terms.per_sequence, terms.t_weight, terms.token_square)
         data = torch.Generator().manual_seed(1234)
-    loss_pairs, grad_pairs, previous = [], [], None
+    schedule_part = schedule_coordinates(model)
+    loss_pairs, grad_pairs, schedule_pairs, previous = [], [], [], None
     for k in range(args.draws):
         loss, grad, _ = draw(model, ocfg, sampler, batch(k), seed=k, with_grad=True)
         if previous is None:
             previous = (loss, grad)
             continue
         loss_pairs.append((loss - previous[0]) ** 2 / 2)
-        grad_pairs.append((grad - previous[1]).square().sum().item() / 2)
+        difference = grad - previous[1]
+        grad_pairs.append(difference.square().sum().item() / 2)
+        schedule_pairs.append(difference[schedule_part].square().sum().item() / 2)
         previous = None
     return {"loss_var": pair_estimate(loss_pairs), "grad_var": pair_estimate(grad_pairs),
+            "schedule_grad_var": pair_estimate(schedule_pairs),
             "proposal": sampler.proposal().tolist() if t_sampler == "p_pots" else None}
 
 
@@ -210,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 results[estimator]["seconds"] = time.perf_counter() - t0
             report["results"][f"{objective} / {label} / {data_mode} data"] = results
             print(f"\n{objective}, {label}, {data_mode} data  (ratios to uniform, 95% intervals)")
-            print("| estimator | loss variance | ratio | grad variance (trace) | ratio | s |")
-            print("|---|---|---|---|---|---|")
+            print("| estimator | loss variance | ratio | grad variance (trace) | ratio | schedule params' share | s |")
+            print("|---|---|---|---|---|---|---|")
             for name, r in results.items():
                 lr = ratio(r["loss_var"], results["uniform"]["loss_var"]) if "uniform" in results else (1, 0)
                 gr = ratio(r["grad_var"], results["uniform"]["grad_var"]) if "uniform" in results else (1, 0)
                 print(f"| {name} | {r['loss_var'][0]:.4g} +- {r['loss_var'][1]:.2g} | {lr[0]:.3f} +- {lr[1]:.3f} "
                       f"| {r['grad_var'][0]:.4g} +- {r['grad_var'][1]:.2g} | {gr[0]:.3f} +- {gr[1]:.3f} "
-                      f"| {r['seconds']:.0f} |", flush=True)
+                      f"| {r['schedule_grad_var'][0] / r['grad_var'][0]:.2f} | {r['seconds']:.0f} |", flush=True)
     report["wall_seconds"] = time.perf_counter() - start
     print(f"\nwall time {report['wall_seconds']:.0f} s; load average {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -120,24 +120,20 @@ def run_config(objective_overrides: Sequence[str], *, data_dir: str | os.PathLik
     ])
 
 
-def is_schedule_param(name: str) -> bool:
-    """Parameters of the learned schedule: MDM-LS position logits, LoMDM forward/backward scheduler heads."""
-    return name.startswith("schedule.") or ".scheduler_heads." in name
-
-
 def engine_builder_with_schedule_lr(schedule_lr_mult: float):
     """`mdm_scale.train.build_training_engine` with a second AdamW parameter group for the schedule parameters at
     `schedule_lr_mult` x lr (same warm-up/cosine multiplier: LambdaLR scales each group's own base lr)."""
     import torch
 
+    from mdm_scale.schedules import is_schedule_parameter
     from mdm_scale.train import warmup_cosine
     from parallel.engine import build_engine
 
     def build(model, cfg, dims):
         opt = cfg.optimizer
         named = list(model.named_parameters())
-        groups = [{"params": [p for n, p in named if not is_schedule_param(n)], "lr": opt.lr},
-                  {"params": [p for n, p in named if is_schedule_param(n)], "lr": opt.lr * schedule_lr_mult}]
+        groups = [{"params": [p for n, p in named if not is_schedule_parameter(n)], "lr": opt.lr},
+                  {"params": [p for n, p in named if is_schedule_parameter(n)], "lr": opt.lr * schedule_lr_mult}]
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                       weight_decay=opt.weight_decay)
@@ -176,6 +172,25 @@ def train_run(cfg, *, schedule_lr_mult: float = 1.0) -> dict:
             "wall_s": wall, "checkpoint": result.checkpoint, "load_after": machine_load()["loadavg_1_5_15"]}
 
 
+def load_trained(cfg, checkpoint_dir: str | os.PathLike):
+    """(denoiser, schedule) of a single-process run's latest checkpoint, in eval mode."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from mdm_scale.train import build_model
+    from parallel.checkpoint import latest_checkpoint
+    from parallel.consolidate import model_layout, to_local
+    from parallel.distributed import init_distributed
+    from parallel.engine import safe_checkpoint_globals
+
+    dims = init_distributed(device="cpu", seed=cfg.train.seed)
+    model = build_model(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size, dims)
+    ckpt = latest_checkpoint(Path(checkpoint_dir), "tp0-pp0-dp0", safe_globals=safe_checkpoint_globals())
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    model.load_state_dict(to_local(ckpt.model, model_layout(model)))
+    model.eval()
+    return model["denoiser"], model["schedule"]
+
+
 def learned_exponents(cfg, checkpoint_dir: str | os.PathLike, x: np.ndarray | None = None,
                       per_sample: bool = False) -> np.ndarray | None:
     """Learned exponents w of a trained run's latest checkpoint; None for fixed schedules.
@@ -185,24 +200,10 @@ def learned_exponents(cfg, checkpoint_dir: str | os.PathLike, x: np.ndarray | No
     them [n, L] with per_sample=True."""
     import torch
 
-    from data_pipeline.tokenizer import load_tokenizer
-    from mdm_scale.train import build_model
-    from parallel.checkpoint import latest_checkpoint
-    from parallel.consolidate import model_layout, to_local
-    from parallel.distributed import init_distributed
-    from parallel.engine import safe_checkpoint_globals
-
     kind = cfg.objective.schedule.kind
     if kind not in LEARNED_KINDS:
         return None
-    dims = init_distributed(device="cpu", seed=cfg.train.seed)
-    model = build_model(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size, dims)
-    ckpt = latest_checkpoint(Path(checkpoint_dir), "tp0-pp0-dp0", safe_globals=safe_checkpoint_globals())
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    model.load_state_dict(to_local(ckpt.model, model_layout(model)))
-    model.eval()
-    denoiser, schedule = model["denoiser"], model["schedule"]
+    denoiser, schedule = load_trained(cfg, checkpoint_dir)
     with torch.no_grad():
         if kind == "mdm_ls":
             w = schedule.exponents(cfg.data.seq_len).double().numpy()

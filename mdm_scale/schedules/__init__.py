@@ -26,4 +26,10 @@ def build_schedule(cfg, max_seq_len: int) -> Schedule:
     raise ValueError(f"unknown schedule kind '{cfg.kind}'; valid: {', '.join(KINDS)}")
 
 
-__all__ = ["KINDS", "Masking", "Schedule", "build_schedule"]
+def is_schedule_parameter(name: str) -> bool:
+    """True for a model parameter of the learned schedule (MDM-LS position logits `schedule.*`, LoMDM's
+    forward/backward scheduler heads in the denoiser): the parameters the score-function term trains."""
+    return name.startswith("schedule.") or ".scheduler_heads." in name
+
+
+__all__ = ["KINDS", "Masking", "Schedule", "build_schedule", "is_schedule_parameter"]
