@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (TrainSettings, compare_to_baseline, generation_order_stats,  # noqa: E402
-                    learned_exponents, limit_threads, machine_load, mean_std, override_settings, run_config,
-                    spearman, train_run, write_token_dataset)
+                    learned_exponents, limit_threads, load_trained, machine_load, mean_std, override_settings,
+                    run_config, spearman, train_run, write_token_dataset)
 
 OBJECTIVES = ("mdlm", "mdm_ls", "lomdm")
 REFERENCES = ("right_to_left", "ar")
@@ -140,6 +140,44 @@ def exact_nll_per_token(x: np.ndarray, table: np.ndarray, noise: float, task: st
     return float((_sources(task) * math.log(v) - np.log(p).sum(1)).mean() / seq_len)
 
 
+def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_points: int = 2000) -> float:
+    """Exact NELBO (nats/token, t_min = 0) of a trained run on the token ids x [n, L]: no Monte Carlo over t or
+    masks, so seeds compare without the held-out evaluation's sampling noise.
+
+    The denoiser ignores t, so the NELBO is the order expectation of Prop. 3.1 over NLLs under all 2^L mask
+    patterns (mdm_scale.exact): uniform Plackett-Luce for MDLM (every univariate schedule gives the same value),
+    PL(w) for MDM-LS, one fixed order for left/right-to-left; LoMDM (w depends on x, plus the velocity-matching
+    term of its backward scheduler) by quadrature over t per sequence."""
+    import torch
+
+    from mdm_scale.exact import (all_patterns, fixed_order_nelbo, pattern_nll_batch, plackett_luce_nelbo,
+                                 quadrature_nelbo)
+
+    denoiser, schedule = load_trained(cfg, checkpoint_dir)
+    if denoiser.time_embedding is not None:
+        raise ValueError("the exact NELBO needs a denoiser that ignores t (model.time_conditioning=false)")
+    kind, l = cfg.objective.schedule.kind, x.shape[1]
+    x0, patterns = torch.as_tensor(np.asarray(x).astype(np.int64)), all_patterns(l)
+    with torch.no_grad():
+        nll, backward = pattern_nll_batch(denoiser, x0, patterns,
+                                          scheduler_head="backward_scheduler" if kind == "lomdm" else None)
+        mean = nll.double().mean(0)
+        if kind == "lomdm":
+            forward = denoiser.scheduler_logits("forward_scheduler", denoiser(x0, torch.zeros(len(x0))))
+            total = sum(quadrature_nelbo(schedule, patterns, nll[k], scheduler_logits=forward[k:k + 1],
+                                         backward_exponents=schedule.backward_exponents(backward[k]),
+                                         points=quadrature_points).item() for k in range(len(x0))) / len(x0)
+        elif kind == "mdm_ls":
+            total = plackett_luce_nelbo(schedule.exponents(l), mean).item()
+        elif kind in ("left_to_right", "right_to_left"):
+            total = fixed_order_nelbo(range(l - 1, -1, -1) if kind == "right_to_left" else range(l), mean)
+        elif kind in ("loglinear", "cosine", "polynomial"):
+            total = plackett_luce_nelbo(torch.ones(l), mean).item()
+        else:
+            raise ValueError(f"no exact NELBO for schedule kind {kind!r}")
+    return total / l
+
+
 # ------------------------------------------------------------------------------------------------- settings
 @dataclass
 class Settings(TrainSettings):
@@ -196,13 +234,20 @@ def objective_overrides(spec: str, s: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_x: np.ndarray) -> dict:
+EXACT_MAX_LEN = 10
+"""Longest L for the exact NELBO (2^L mask patterns per sequence); longer runs report the Monte-Carlo eval only."""
+
+
+def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_x: np.ndarray,
+            heldout_x: np.ndarray) -> dict:
     safe = spec.replace(":", "-")
     run_dir = out / "runs" / f"{safe}-s{seed}"
     cfg = run_config(objective_overrides(spec, s), data_dir=data_dir, run_dir=run_dir,
                      name=f"synthetic-{safe}-s{seed}", seed=seed, s=s)
     result = train_run(cfg, schedule_lr_mult=s.schedule_lr_mult)
     record = {"objective": spec, "seed": seed, **{k: v for k, v in result.items() if k != "checkpoint"}}
+    if s.seq_len <= EXACT_MAX_LEN:
+        record["exact_nelbo"] = exact_heldout_nelbo(cfg, run_dir / "checkpoints", heldout_x)
     w_all = learned_exponents(cfg, run_dir / "checkpoints", order_x, per_sample=True)
     if w_all is not None:
         w = w_all.mean(0)
@@ -214,10 +259,16 @@ def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_
         record["spearman_position_w"] = spearman(np.arange(len(w)), w)
         record.update(generation_order_stats(w_all, seed=seed))
     print(f"[synthetic_order] {spec} seed {seed}: final held-out NELBO {record['final_nelbo']:.4f} "
-          f"({record['wall_s']:.0f} s, load {record['load_after'][:1]})"
+          + (f"(exact {record['exact_nelbo']:.4f}) " if "exact_nelbo" in record else "")
+          + f"({record['wall_s']:.0f} s, load {record['load_after'][:1]})"
           + (f", Spearman(position, w) {record['spearman_position_w']:+.3f}, P(right neighbour first) "
              f"{record['p_right_neighbour_first']:.3f}" if w_all is not None else ""), flush=True)
     return record
+
+
+def headline(record: dict) -> float:
+    """The NELBO the comparisons use: the exact one where computed, else the trainer's Monte-Carlo eval."""
+    return record.get("exact_nelbo", record["final_nelbo"])
 
 
 def summarise(records: list[dict], objectives: list[str]) -> dict:
@@ -226,8 +277,12 @@ def summarise(records: list[dict], objectives: list[str]) -> dict:
         rs = [r for r in records if r["objective"] == obj]
         if not rs:
             continue
-        ms = mean_std([r["final_nelbo"] for r in rs])
-        entry = {"nelbo": ms["values"], "mean": ms["mean"], "std": ms["std"], "seeds": [r["seed"] for r in rs]}
+        ms = mean_std([headline(r) for r in rs])
+        entry = {"nelbo": ms["values"], "mean": ms["mean"], "std": ms["std"], "seeds": [r["seed"] for r in rs],
+                 "metric": "exact_nelbo" if "exact_nelbo" in rs[0] else "final_nelbo"}
+        if "exact_nelbo" in rs[0]:
+            mc = mean_std([r["final_nelbo"] for r in rs])
+            entry["monte_carlo_eval"] = {"mean": mc["mean"], "std": mc["std"]}
         if any("spearman_position_w" in r for r in rs):
             entry["spearman_position_w"] = [r["spearman_position_w"] for r in rs]
             entry["spearman_mean"] = float(np.mean(entry["spearman_position_w"]))
@@ -276,8 +331,8 @@ def plot(records: list[dict], objectives: list[str], out_dir: Path, prefix: str 
 
 def markdown_table(summary: dict, records: list[dict], objectives: list[str], seeds: list[int]) -> str:
     lines = ["| objective | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean +- std | Spearman(pos, w) | P(right neighbour first) |",
-             "|---|" + "---|" * len(seeds) + "---|---|---|"]
+             + " | mean +- std | Monte-Carlo eval, mean +- std | Spearman(pos, w) | P(right neighbour first) |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
     for obj in objectives:
         if obj not in summary:
             continue
@@ -286,9 +341,11 @@ def markdown_table(summary: dict, records: list[dict], objectives: list[str], se
         learned = [by_seed[s] for s in seeds if s in by_seed and "spearman_position_w" in by_seed[s]]
         spear = ", ".join(f"{r['spearman_position_w']:+.2f}" for r in learned) or "-"
         prf = ", ".join(f"{r['p_right_neighbour_first']:.2f}" for r in learned) or "-"
-        lines.append(f"| {obj} | " + " | ".join(f"{by_seed[s]['final_nelbo']:.4f}" if s in by_seed else "-"
+        mc = e.get("monte_carlo_eval")
+        lines.append(f"| {obj} | " + " | ".join(f"{headline(by_seed[s]):.4f}" if s in by_seed else "-"
                                                for s in seeds)
-                     + f" | {e['mean']:.4f} +- {e['std']:.4f} | {spear} | {prf} |")
+                     + f" | {e['mean']:.4f} +- {e['std']:.4f} | "
+                     + (f"{mc['mean']:.4f} +- {mc['std']:.4f}" if mc else "(the same)") + f" | {spear} | {prf} |")
     return "\n".join(lines)
 
 
@@ -353,7 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
             "train_exact_nll_per_token": exact_nll_per_token(splits["train"], g, s.noise, s.task)}
     order_x = generate(s.num_heldout, s.seq_len, g, noise=s.noise, rng=np.random.default_rng(HELDOUT_ORDER_SEED),
                        task=s.task) + FIRST_SYMBOL
-    records = [run_one(obj, seed, data_dir, out, s, order_x) for obj in objectives for seed in args.seeds]
+    records = [run_one(obj, seed, data_dir, out, s, order_x, splits["heldout"] + FIRST_SYMBOL)
+               for obj in objectives for seed in args.seeds]
     summary = summarise(records, objectives)
     plots = plot(records, objectives, Path(args.plots) if args.plots else out, args.plot_prefix,
                  data["heldout_exact_nll_per_token"])
