@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", required=True, help="an experiments/synthetic_order.py --out directory")
     parser.add_argument("--objectives", nargs="+", default=["mdlm", "mdm_ls", "right_to_left", "ar"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--sequences", type=int, default=256, help="held-out sequences averaged over")
+    parser.add_argument("--sequences", type=int, default=512, help="held-out sequences averaged over (default: all)")
     parser.add_argument("--optimizer-steps", type=int, default=300, help="Adam steps of each PL optimum")
     parser.add_argument("--out", default=None, help="JSON file (default RUN/order_diagnostic.json)")
     args = parser.parse_args(argv)

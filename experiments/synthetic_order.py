@@ -140,7 +140,7 @@ def exact_nll_per_token(x: np.ndarray, table: np.ndarray, noise: float, task: st
     return float((_sources(task) * math.log(v) - np.log(p).sum(1)).mean() / seq_len)
 
 
-def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_points: int = 2000) -> float:
+def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_points: int = 1000) -> float:
     """Exact NELBO (nats/token, t_min = 0) of a trained run on the token ids x [n, L]: no Monte Carlo over t or
     masks, so seeds compare without the held-out evaluation's sampling noise.
 
