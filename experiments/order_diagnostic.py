@@ -11,7 +11,8 @@ then exactly, with no Monte Carlo (mdm_scale.exact):
 * the PL optimum over w, by gradient descent on the exact NELBO: within the presets' family w in
   [c1, c1 + c2] (`family`) and over unrestricted log w (`free`, sharp orders allowed). This is where MDM-LS's
   schedule would go with exact gradients if the denoiser stood still;
-* for MDM-LS runs, the NELBO at the run's own learned w (a check against the trainer's Monte-Carlo eval).
+* for MDM-LS runs, the NELBO at the run's own learned w (a check against the trainer's Monte-Carlo eval); for
+  LoMDM runs, its own exact NELBO split into the reconstruction part and the velocity-matching term.
 
     scripts/in_venv.sh python experiments/order_diagnostic.py --run runs/synthetic_order \
         --objectives mdlm mdm_ls right_to_left ar --seeds 0 1 2          # docs/results.md
@@ -42,15 +43,16 @@ def heldout_sequences(s: so.Settings, n: int) -> np.ndarray:
     return so.generate(s.num_heldout, s.seq_len, g, noise=s.noise, rng=rng, task=s.task)[:n] + so.FIRST_SYMBOL
 
 
-def mean_pattern_nll(denoiser, x: np.ndarray):
-    """[2^L, L] per-position NLL under every mask pattern (rows as mdm_scale.exact.all_patterns), mean over x."""
+def pattern_nlls(denoiser, x: np.ndarray, backward: bool = False):
+    """Per-position NLL under every mask pattern [n, 2^L, L] (rows as mdm_scale.exact.all_patterns) and, with
+    `backward`, LoMDM's backward-scheduler logits on the same patterns."""
     import torch
 
     from mdm_scale.exact import all_patterns, pattern_nll_batch
 
     with torch.no_grad():
-        nll, _ = pattern_nll_batch(denoiser, torch.as_tensor(x.astype(np.int64)), all_patterns(x.shape[1]))
-    return nll.double().mean(0)
+        return pattern_nll_batch(denoiser, torch.as_tensor(x.astype(np.int64)), all_patterns(x.shape[1]),
+                                 scheduler_head="backward_scheduler" if backward else None)
 
 
 def optimal_exponents(nll, parameterise, seq_len: int, steps: int = 300, lr: float = 0.1):
@@ -85,7 +87,9 @@ def analyse(spec: str, seed: int, run: Path, s: so.Settings, x: np.ndarray, opti
     denoiser, schedule = load_trained(cfg, Path(cfg.run_dir) / "checkpoints")
     if getattr(denoiser, "time_embedding", None) is not None:
         raise ValueError("the order analysis needs a denoiser that ignores t (model.time_conditioning=false)")
-    nll = mean_pattern_nll(denoiser, x)
+    kind = cfg.objective.schedule.kind
+    per_sequence, backward = pattern_nlls(denoiser, x, backward=kind == "lomdm")
+    nll = per_sequence.double().mean(0)
     l = s.seq_len
     per_token = 1.0 / l
     order, best = best_order(nll)
@@ -103,7 +107,16 @@ def analyse(spec: str, seed: int, run: Path, s: so.Settings, x: np.ndarray, opti
         "free_optimum": free_value * per_token, "free_log_w": np.log(free_w).tolist(),
         "spearman_position_family_w": so.spearman(np.arange(l), family_w),
     }
-    if cfg.objective.schedule.kind == "mdm_ls":
+    if kind == "lomdm":  # its own NELBO, split: where does LoMDM lose to MDLM?
+        x0 = torch.as_tensor(x.astype(np.int64))
+        with torch.no_grad():
+            total = so.lomdm_exact_nelbo(denoiser, schedule, x0, per_sequence, backward)
+            reconstruction = so.lomdm_exact_nelbo(denoiser, schedule, x0, per_sequence, backward,
+                                                  reconstruction_only=True)
+        record["own_w_nelbo"] = total * per_token
+        record["own_w_reconstruction"] = reconstruction * per_token
+        record["own_w_velocity"] = (total - reconstruction) * per_token
+    if kind == "mdm_ls":
         with torch.no_grad():
             own = schedule.exponents(l).double()
         record["own_w"] = own.numpy().tolist()
@@ -117,6 +130,8 @@ def markdown_table(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         own = f"{r['own_w_nelbo']:.4f}" if "own_w_nelbo" in r else "-"
+        if "own_w_velocity" in r:
+            own += f" ({r['own_w_reconstruction']:.4f} + velocity {r['own_w_velocity']:.4f})"
         lines.append(f"| {r['objective']} ({r['seed']}) | {r['uniform_pl']:.4f} | {r['right_to_left']:.4f} | "
                      f"{r['left_to_right']:.4f} | {' '.join(map(str, r['best_order']))} | "
                      f"{r['best_order_nelbo']:.4f} | {r['family_optimum']:.4f} | {r['free_optimum']:.4f} | {own} |")

@@ -150,8 +150,7 @@ def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_poi
     term of its backward scheduler) by quadrature over t per sequence."""
     import torch
 
-    from mdm_scale.exact import (all_patterns, fixed_order_nelbo, pattern_nll_batch, plackett_luce_nelbo,
-                                 quadrature_nelbo)
+    from mdm_scale.exact import all_patterns, fixed_order_nelbo, pattern_nll_batch, plackett_luce_nelbo
 
     denoiser, schedule = load_trained(cfg, checkpoint_dir)
     if denoiser.time_embedding is not None:
@@ -163,10 +162,7 @@ def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_poi
                                           scheduler_head="backward_scheduler" if kind == "lomdm" else None)
         mean = nll.double().mean(0)
         if kind == "lomdm":
-            forward = denoiser.scheduler_logits("forward_scheduler", denoiser(x0, torch.zeros(len(x0))))
-            total = sum(quadrature_nelbo(schedule, patterns, nll[k], scheduler_logits=forward[k:k + 1],
-                                         backward_exponents=schedule.backward_exponents(backward[k]),
-                                         points=quadrature_points).item() for k in range(len(x0))) / len(x0)
+            total = lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward, quadrature_points)
         elif kind == "mdm_ls":
             total = plackett_luce_nelbo(schedule.exponents(l), mean).item()
         elif kind in ("left_to_right", "right_to_left"):
@@ -176,6 +172,26 @@ def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_poi
         else:
             raise ValueError(f"no exact NELBO for schedule kind {kind!r}")
     return total / l
+
+
+def lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward_logits, quadrature_points: int = 1000,
+                      reconstruction_only: bool = False) -> float:
+    """LoMDM's exact NELBO per sequence (sum over positions), averaged over x0 [n, L], from the pattern NLLs and
+    backward-scheduler logits of `pattern_nll_batch` [n, P, L]: w(x) from the forward scheduler on clean x,
+    quadrature over t per sequence with the velocity-matching term. reconstruction_only: the Plackett-Luce
+    reconstruction part alone (no velocity term), exactly by the pattern lattice."""
+    import torch
+
+    from mdm_scale.exact import all_patterns, plackett_luce_nelbo, quadrature_nelbo
+
+    patterns = all_patterns(x0.shape[1])
+    forward = denoiser.scheduler_logits("forward_scheduler", denoiser(x0, torch.zeros(len(x0))))
+    if reconstruction_only:
+        w = schedule.exponents(forward)
+        return sum(plackett_luce_nelbo(w[k], nll[k]).item() for k in range(len(x0))) / len(x0)
+    return sum(quadrature_nelbo(schedule, patterns, nll[k], scheduler_logits=forward[k:k + 1],
+                                backward_exponents=schedule.backward_exponents(backward_logits[k]),
+                                points=quadrature_points).item() for k in range(len(x0))) / len(x0)
 
 
 # ------------------------------------------------------------------------------------------------- settings

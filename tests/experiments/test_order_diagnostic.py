@@ -1,6 +1,7 @@
 """The exact order analysis runs on a synthetic-order output and its numbers are mutually consistent: no order
 distribution beats the best fixed order, the optimisers start from the uniform order and only descend, and an
-MDM-LS run's own schedule is evaluated."""
+MDM-LS run's own schedule is evaluated, and a LoMDM run's NELBO splits into reconstruction and a non-negative
+velocity term."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ def test_order_diagnostic_on_a_quick_run(load_experiment, tmp_path):
     so = load_experiment("synthetic_order")
     diagnostic = load_experiment("order_diagnostic")
     out = tmp_path / "run"
-    so.main(["--quick", "--seeds", "0", "--objectives", "mdlm", "mdm_ls", "--out", str(out)])
-    report = diagnostic.main(["--run", str(out), "--objectives", "mdlm", "mdm_ls", "--sequences", "3",
+    so.main(["--quick", "--seeds", "0", "--objectives", "mdlm", "mdm_ls", "lomdm", "--out", str(out)])
+    report = diagnostic.main(["--run", str(out), "--objectives", "mdlm", "mdm_ls", "lomdm", "--sequences", "3",
                               "--optimizer-steps", "15"])
     assert json.loads((out / "order_diagnostic.json").read_text())["table"] == report["table"]
     by_name = {r["objective"]: r for r in report["records"]}
-    assert set(by_name) == {"mdlm", "mdm_ls"}
+    assert set(by_name) == {"mdlm", "mdm_ls", "lomdm"}
     for r in by_name.values():
         values = [r[k] for k in ("uniform_pl", "right_to_left", "left_to_right", "family_optimum",
                                  "free_optimum")]
@@ -30,3 +31,6 @@ def test_order_diagnostic_on_a_quick_run(load_experiment, tmp_path):
         assert len(r["free_log_w"]) == 8 and sum(r["free_log_w"]) == pytest.approx(0, abs=1e-9)
     assert by_name["mdm_ls"]["own_w_nelbo"] >= by_name["mdm_ls"]["best_order_nelbo"]
     assert "own_w" not in by_name["mdlm"]
+    lomdm = by_name["lomdm"]  # its own NELBO = reconstruction (pattern lattice) + velocity term (>= 0)
+    assert lomdm["own_w_velocity"] >= 0
+    assert lomdm["own_w_reconstruction"] + lomdm["own_w_velocity"] == pytest.approx(lomdm["own_w_nelbo"])
