@@ -52,19 +52,26 @@ class ModelConfig:
 @dataclass
 class ScheduleConfig:
     kind: str = "loglinear"
-    """loglinear | cosine | polynomial | left_to_right | right_to_left | block | mdm_ls | lomdm."""
+    """loglinear | cosine | polynomial | left_to_right | right_to_left | fixed_order | block | mdm_ls | lomdm."""
     eps: float = 1e-3
     """loglinear only: alpha(t) = 1 - (1 - eps) t, MDLM's log-linear noise."""
     exponent: float = 1.0
     """polynomial only: alpha(t) = 1 - t^exponent."""
     block_size: int = 16
     """block only: positions per block; blocks are revealed left to right."""
+    order: list[int] = field(default_factory=list)
+    """fixed_order only: the positions in generation order, 0-based (a permutation of range(data.seq_len))."""
     inner: str = "loglinear"
     """block only: the univariate schedule inside a block (loglinear | cosine | polynomial)."""
     min_exponent: float = 0.25
     """mdm_ls / lomdm: c1 in w_i = c1 + c2 * NormSig(.)_i, the smallest learnable exponent."""
     exponent_range: float = 1.5
     """mdm_ls / lomdm: c2 in w_i = c1 + c2 * NormSig(.)_i; w = c1 + c2/2 (= 1, MDLM) at initialisation."""
+    exponent_family: str = "linear"
+    """mdm_ls / lomdm: linear (w_i = c1 + c2 * NormSig(.)_i, in [c1, c1 + c2]) | log (log w_i = R tanh(centred
+    logit / R): ratios up to e^(2R), so sharp orders; needs objective.estimator=order)."""
+    max_log_exponent: float = 12.0
+    """mdm_ls / lomdm with the log family: R, the bound on |log w_i|."""
 
 
 @dataclass
@@ -96,6 +103,11 @@ class ObjectiveConfig:
     """p_pots: the second moment the proposal follows. sequence: the squared per-sequence loss (optimal for the
     loss estimator's variance) | token: the sum of squared per-token terms, sum_i (A_i NLL_i)^2, a proxy for the
     gradient's second moment when per-token gradients are nearly uncorrelated (docs/objective.md, section 4b)."""
+    estimator: str = "time"
+    """time (one t per sequence, z_t masked independently per position, weights A_i(t) = w_i / t: MDLM's
+    estimator) | order (polynomial-family schedules: one step of the reveal order per sequence, the next position
+    Rao-Blackwellised, weights L w_i / W(M) <= L for any w; `t_sampler` then draws the step fraction in (0, 1],
+    t_min and time_power should be 0 and 1). docs/objective.md, section 4c."""
     velocity_weight: float = 1.0
     """lomdm only: weight of the velocity-matching term (1 = the NELBO)."""
     score_function: bool = True

@@ -82,17 +82,21 @@ class TimeEmbedding(nn.Module):
 
 
 class SchedulerHead(nn.Module):
-    """A light MLP from (detached) backbone features to one logit per position; zero-initialised output,
-    so a fresh head gives the same exponent everywhere (MDLM's w = 1)."""
+    """A light MLP from (detached) backbone features to one logit per position, plus a learned bias per position.
 
-    def __init__(self, hidden_size: int, head_size: int):
+    The bias carries the state-independent part of a schedule (MDM-LS's logits): with rotary attention the
+    features hold no absolute position, so without it a LoMDM scheduler could express an order only through the
+    content. Zero-initialised output and bias: a fresh head gives the same exponent everywhere (MDLM's w = 1)."""
+
+    def __init__(self, hidden_size: int, head_size: int, max_seq_len: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, 1))
+        self.position_bias = nn.Parameter(torch.zeros(max_seq_len))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, hidden: Tensor) -> Tensor:  # [b, l, h] -> [b, l]
-        return self.net(hidden).squeeze(-1)
+        return self.net(hidden).squeeze(-1) + self.position_bias[: hidden.shape[1]]
 
 
 class Denoiser(MegatronModule):
@@ -148,7 +152,7 @@ class Denoiser(MegatronModule):
                 skip_weight_param_allocation=cfg.tie_embeddings,
             )
             self.scheduler_heads.update(
-                {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size) for name in scheduler_heads}
+                {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len) for name in scheduler_heads}
             )
         self.causal = causal
         if kernels not in KERNEL_BACKENDS:

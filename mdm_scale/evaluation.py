@@ -64,7 +64,7 @@ def evaluate_nelbo(
         for _ in range(time_samples):
             t, t_weight, uniforms = draw_noise(x0.shape[0], x0.shape[1], sampler, generator, x0.device)
             terms = nelbo(denoiser, schedule, x0, t, t_weight, uniforms, velocity_weight=1.0, score_function=False,
-                          document_ids=document_ids)
+                          document_ids=document_ids, estimator=cfg.estimator)
             total += terms.per_sequence.sum().item()
             count += tokens
     denoiser.train(was_training)

@@ -101,31 +101,46 @@ def order_likelihood(order_probs: dict, nll: Tensor) -> float:
     return total
 
 
-def plackett_luce_nelbo(exponents: Tensor, nll: Tensor) -> Tensor:
+def plackett_luce_nelbo(exponents: Tensor, nll: Tensor, backward_exponents: Tensor | None = None) -> Tensor:
     """Prop. 3.1 by dynamic programming over the 2^l mask patterns instead of the l! orders; differentiable in
     `exponents` (so an order distribution can be optimised exactly at a fixed denoiser).
 
     P(the revealed set is R after k steps) is accumulated layer by layer; from pattern p (masked set M) the next
-    position is i in M with probability w_i / sum_{j in M} w_j and costs nll[p, i].
+    position is i in M with probability w_i / W(M), W(M) = sum_{j in M} w_j, and costs nll[p, i]. With
+    `backward_exponents` (LoMDM's w_hat on every pattern) each step also costs the velocity-matching term over
+    the time spent in M, (1 / W(M)) sum_{i in M} (w_i log(w_i / w_hat_i) - w_i + w_hat_i): in s = -log t its
+    rate is constant while M lasts, for a mean of 1 / W(M) (docs/objective.md, section 4c).
 
     Args:
-        exponents: [l] positive w_i (larger = generated earlier).
-        nll: [2^l, l] per-position NLL under each pattern, rows as in `all_patterns` (or their mean over sequences).
+        exponents: [..., l] positive w_i (larger = generated earlier); leading dims batch (e.g. LoMDM's w(x)).
+        nll: [..., 2^l, l] per-position NLL under each pattern, rows as in `all_patterns` (or their mean over
+            sequences).
+        backward_exponents: [..., 2^l, l] w_hat under each pattern, or None (no velocity term).
+
+    Returns the NELBO (nats per sequence), shape of the broadcast leading dims.
     """
-    l = nll.shape[1]
+    l = nll.shape[-1]
     w = exponents.to(torch.float64)
     nll = nll.to(torch.float64)
+    velocity = None
+    if backward_exponents is not None:
+        velocity = velocity_matching(w[..., None, :], backward_exponents.to(torch.float64))
     bit = [1 << (l - 1 - i) for i in range(l)]  # pattern_index: position 0 is the most significant bit
-    reach = {(1 << l) - 1: torch.ones((), dtype=torch.float64)}
-    total = torch.zeros((), dtype=torch.float64)
+    batch = torch.broadcast_shapes(w.shape[:-1], nll.shape[:-2])
+    reach = {(1 << l) - 1: torch.ones(batch, dtype=torch.float64)}
+    total = torch.zeros(batch, dtype=torch.float64)
     for _ in range(l):
         following: dict[int, Tensor] = {}
         for pattern, p in reach.items():
             masked = [i for i in range(l) if pattern & bit[i]]
-            step = p * w[masked] / w[masked].sum()
-            total = total + (step * nll[pattern, masked]).sum()
+            w_masked = w[..., masked]
+            mass = w_masked.sum(-1)
+            step = p[..., None] * w_masked / mass[..., None]  # [..., |M|] probability of revealing i next
+            total = total + (step * nll[..., pattern, masked]).sum(-1)
+            if velocity is not None:
+                total = total + p * velocity[..., pattern, masked].sum(-1) / mass
             for j, i in enumerate(masked):
-                following[pattern ^ bit[i]] = following.get(pattern ^ bit[i], 0.0) + step[j]
+                following[pattern ^ bit[i]] = following.get(pattern ^ bit[i], 0.0) + step[..., j]
         reach = following
     return total
 

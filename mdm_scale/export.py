@@ -45,7 +45,8 @@ _RENAMES = [
     (r"denoiser\.decoder\.layers\.(\d+)\.mlp\.(linear_fc1|linear_fc2)\.(weight|bias)", r"layers.\1.\2.\3"),
     (r"denoiser\.decoder\.final_layernorm\.(weight|bias)", r"final_layernorm.\1"),
     (r"denoiser\.output_layer\.weight", "output_layer.weight"),
-    (r"denoiser\.scheduler_heads\.(\w+)\.net\.(\d)\.(weight|bias)", r"scheduler_heads.\1.\2.\3"),
+    (r"denoiser\.scheduler_heads\.(\w+)\.net\.(\d)\.(weight|bias)", r"scheduler_heads.\1.net.\2.\3"),
+    (r"denoiser\.scheduler_heads\.(\w+)\.position_bias", r"scheduler_heads.\1.position_bias"),
     (r".*\._extra_state", None),
 ]
 

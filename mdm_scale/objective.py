@@ -19,6 +19,7 @@ from data_pipeline.shard_format import PADDING_DOCUMENT_ID
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
+from mdm_scale.schedules.base import order_masking
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.time_sampling import TimeSampler
 
@@ -95,6 +96,11 @@ def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler:
     if cfg.score_baseline not in SCORE_BASELINES:
         raise ValueError(f"objective.score_baseline must be one of {', '.join(SCORE_BASELINES)}, "
                          f"got {cfg.score_baseline!r}")
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"objective.estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.estimator!r}")
+    if cfg.estimator == "time" and cfg.schedule.exponent_family == "log" and cfg.schedule.kind in ("mdm_ls", "lomdm"):
+        raise ValueError("schedule.exponent_family=log needs objective.estimator=order: in the time form position "
+                         "i's weight w_i / t has infinite variance once w_i <= time_power (docs/objective.md, 3)")
     t, t_weight, uniforms = draw_noise(batch_size * data_parallel_size, seq_len, sampler, generator, device)
     mine = slice(data_parallel_rank, None, data_parallel_size)
     t, t_weight, uniforms = t[mine], t_weight[mine], uniforms[mine]
@@ -116,6 +122,7 @@ class NoisedBatch:
 
     x0: Tensor
     t: Tensor
+    """[b] the times the denoiser sees (float64)."""
     t_weight: Tensor
     masking: Masking
     masked: Tensor
@@ -123,12 +130,23 @@ class NoisedBatch:
     z_t: Tensor
 
 
+ESTIMATORS = ("time", "order")
+
+
 def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t_weight: Tensor, uniforms: Tensor,
-                forward_logits: Tensor | None = None) -> NoisedBatch:
-    """Mask x0 at times t: z_t^i = m iff u_i < 1 - alpha_i(t). `forward_logits` are LoMDM's forward-scheduler
-    logits (their gradients reach phi through the weights and log-probabilities of `masking`)."""
-    masking = schedule.masking(t, x0.shape[1], forward_logits)
-    masked = uniforms < masking.mask_prob  # [b, l]
+                forward_logits: Tensor | None = None, estimator: str = "time") -> NoisedBatch:
+    """Mask x0. Time form: at times t, z_t^i = m iff u_i < 1 - alpha_i(t). Order form: t is the step fraction
+    and the same uniforms race to a generation order (`schedules.base.order_masking`); the batch's t becomes the
+    time of the next reveal. `forward_logits` are LoMDM's forward-scheduler logits (their gradients reach phi
+    through the weights and log-probabilities of the masking)."""
+    if estimator == "order":
+        masking = order_masking(schedule.polynomial_exponents(x0.shape[1], forward_logits), t, uniforms)
+        masked, t = masking.masked, masking.time
+    elif estimator == "time":
+        masking = schedule.masking(t, x0.shape[1], forward_logits)
+        masked = uniforms < masking.mask_prob  # [b, l]
+    else:
+        raise ValueError(f"objective.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     z_t = torch.where(masked, torch.full_like(x0, denoiser.mask_id), x0)
     return NoisedBatch(x0, t, t_weight, masking, masked, z_t)
 
@@ -167,9 +185,10 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     if isinstance(schedule, StateDependentSchedule):
         w = masking.exponents  # [b, l]
         w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
-        # A = w / t and A_hat = w_hat / t share the 1/t factor, which becomes part of the weight.
-        inv_t = (noised.t_weight / t)[:, None].to(torch.float32)
-        per_position = masked * inv_t * velocity_matching(w.to(torch.float32), w_hat)
+        # A = w / t and A_hat = w_hat / t share the 1/t factor (order form: L / W(M)), part of the weight.
+        rate = masking.rate_scale if masking.rate_scale is not None else 1 / t[:, None]
+        scale = (noised.t_weight[:, None] * rate).to(torch.float32)
+        per_position = masked * scale * velocity_matching(w.to(torch.float32), w_hat)
         velocity = per_position.sum(-1)
         token_square = token_square + (velocity_weight * per_position.detach().double()).square().sum(-1)
     per_sequence = reconstruction + velocity_weight * velocity.detach()  # [b], detached
@@ -179,8 +198,11 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     value = per_sequence.sum() / num_tokens
     loss = (weighted_sum + velocity_weight * velocity.sum()) / num_tokens
     if schedule.learned and score_function:
-        log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
-        log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
+        if masking.log_prob is not None:  # order form: log P(the revealed prefix of the order)
+            log_q = masking.log_prob
+        else:
+            log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
+            log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
         reward = per_sequence.to(torch.float64)
         if baseline is None:
             baseline = leave_one_out_baseline(reward, mirrored, reduce_group)
@@ -226,6 +248,7 @@ def nelbo(
     document_ids: Tensor | None = None,
     mirrored: bool = False,
     baseline: Tensor | None = None,
+    estimator: str = "time",
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
 
@@ -239,6 +262,7 @@ def nelbo(
         document_ids: [b, l] document of each position (`--pack documents`): attention stays within a document
             and padding carries no loss. None = one sequence per row, every position counts.
         mirrored, baseline: the score-function baseline's inputs (see `nelbo_from_features`).
+        estimator: time | order (then t is the step fraction; see `apply_noise`).
     """
     attention_mask, loss_mask = document_masks(document_ids)
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
@@ -248,9 +272,9 @@ def nelbo(
             clean_hidden = denoiser(x0, torch.zeros_like(t), attention_mask)
         forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
     # 2. Mask.
-    noised = apply_noise(denoiser, schedule, x0, t, t_weight, uniforms, forward_logits)
+    noised = apply_noise(denoiser, schedule, x0, t, t_weight, uniforms, forward_logits, estimator)
     # 3. Denoise: one pass over z_t.
-    hidden = denoiser(noised.z_t, t.float(), attention_mask)  # [b, l, h]
+    hidden = denoiser(noised.z_t, noised.t.float(), attention_mask)  # [b, l, h]
     # 4.-5. Weight and normalise.
     return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
                                score_function=score_function, reduce_group=reduce_group, loss_mask=loss_mask,
@@ -276,5 +300,5 @@ def training_nelbo(
         denoiser, schedule, noise.rows(x0), noise.t, noise.t_weight, noise.uniforms,
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
         reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=noise.rows(document_ids),
-        mirrored=noise.mirrored, baseline=noise.baseline,
+        mirrored=noise.mirrored, baseline=noise.baseline, estimator=cfg.estimator,
     )

@@ -105,14 +105,16 @@ def pipeline_nelbo(
     def train_step(data_iterator, model):
         i = next(data_iterator)
         t, t_weight, uniforms = noise[i].t, noise[i].t_weight, noise[i].uniforms
-        noised = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, forward_logits[i])
-        out = model(noised.z_t, t.float(), masks[i])
+        noised = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, forward_logits[i],
+                             cfg.estimator)
+        out = model(noised.z_t, noised.t.float(), masks[i])
 
         def loss(hidden):
             logits = None
             if schedule.needs_clean_features:  # recompute with gradients for phi, same values
                 logits = denoiser.scheduler_logits("forward_scheduler", clean_features[i])
-            with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits)
+            with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits,
+                                    cfg.estimator)
             terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
                                         score_function=cfg.score_function and not forward_only,
                                         reduce_group=reduce_group, loss_mask=loss_masks[i],

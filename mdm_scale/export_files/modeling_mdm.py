@@ -59,6 +59,18 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class SchedulerHead(nn.Module):
+    """LoMDM's scheduler head: an MLP on the features plus a learned bias per position, one logit per position."""
+
+    def __init__(self, hidden: int, head_size: int, max_positions: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, head_size), nn.GELU(), nn.Linear(head_size, 1))
+        self.position_bias = nn.Parameter(torch.zeros(max_positions))
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [b, l, h] -> [b, l]
+        return self.net(hidden).squeeze(-1) + self.position_bias[: hidden.shape[1]]
+
+
 class MdmDenoiserCore(nn.Module):
     """The denoiser from its config.json dict."""
 
@@ -77,8 +89,7 @@ class MdmDenoiserCore(nn.Module):
         self.final_layernorm = nn.LayerNorm(h, eps=config["layernorm_epsilon"])
         self.output_layer = None if config["tie_embeddings"] else nn.Linear(h, config["padded_vocab_size"], bias=False)
         self.scheduler_heads = nn.ModuleDict({
-            name: nn.Sequential(nn.Linear(h, config["scheduler_head_size"]), nn.GELU(),
-                                nn.Linear(config["scheduler_head_size"], 1))
+            name: SchedulerHead(h, config["scheduler_head_size"], config["max_position_embeddings"])
             for name in config["scheduler_heads"]})
 
     def _time_features(self, t: Tensor) -> Tensor:
@@ -118,7 +129,7 @@ class MdmDenoiserCore(nn.Module):
 
     def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
         """[b, l] logits of a scheduler head (LoMDM's forward/backward schedulers) from features."""
-        return self.scheduler_heads[name](hidden.float()).squeeze(-1)
+        return self.scheduler_heads[name](hidden.float())
 
 
 def load_plain(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MdmDenoiserCore:
@@ -152,7 +163,8 @@ if PreTrainedModel is not None:
             super().__init__(config)
             keys = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                     "padded_vocab_size", "mask_token_id", "layernorm_epsilon", "rotary_base", "tie_embeddings",
-                    "time_conditioning", "time_frequencies", "scheduler_heads", "scheduler_head_size")
+                    "time_conditioning", "time_frequencies", "scheduler_heads", "scheduler_head_size",
+                    "max_position_embeddings")
             self.denoiser = MdmDenoiserCore({k: getattr(config, k) for k in keys})
 
         def _init_weights(self, module: nn.Module) -> None:  # weights always come from the checkpoint

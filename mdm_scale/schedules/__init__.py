@@ -8,7 +8,8 @@ from mdm_scale.schedules.learned import LearnedPositionSchedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.schedules.univariate import UnivariateSchedule
 
-KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "block", "mdm_ls", "lomdm")
+KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "fixed_order", "block", "mdm_ls",
+         "lomdm")
 
 
 def build_schedule(cfg, max_seq_len: int) -> Schedule:
@@ -17,12 +18,15 @@ def build_schedule(cfg, max_seq_len: int) -> Schedule:
         return UnivariateSchedule(cfg.kind, eps=cfg.eps, exponent=cfg.exponent)
     if cfg.kind in ("left_to_right", "right_to_left"):
         return BlockSchedule(1, reverse=cfg.kind == "right_to_left")
+    if cfg.kind == "fixed_order":
+        return BlockSchedule(1, order=cfg.order)
     if cfg.kind == "block":
         return BlockSchedule(cfg.block_size, inner=cfg.inner, exponent=cfg.exponent)
     if cfg.kind == "mdm_ls":
-        return LearnedPositionSchedule(max_seq_len, cfg.min_exponent, cfg.exponent_range)
+        return LearnedPositionSchedule(max_seq_len, cfg.min_exponent, cfg.exponent_range, cfg.exponent_family,
+                                       cfg.max_log_exponent)
     if cfg.kind == "lomdm":
-        return StateDependentSchedule(cfg.min_exponent, cfg.exponent_range)
+        return StateDependentSchedule(cfg.min_exponent, cfg.exponent_range, cfg.exponent_family, cfg.max_log_exponent)
     raise ValueError(f"unknown schedule kind '{cfg.kind}'; valid: {', '.join(KINDS)}")
 
 

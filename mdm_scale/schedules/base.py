@@ -28,6 +28,17 @@ class Masking:
     """[b, l] differentiable log alpha_i(t); set by learned schedules."""
     exponents: Tensor | None = None
     """[b, l] polynomial exponents w_i (learned schedules); the velocity-matching term needs them."""
+    masked: Tensor | None = None
+    """[b, l] bool: the pattern itself, when the masking draws it (the order form); None = draw
+    z_t^i = m iff u_i < mask_prob_i."""
+    time: Tensor | None = None
+    """[b] the time the denoiser sees when the masking draws it (the order form); None = the sampled t."""
+    log_prob: Tensor | None = None
+    """[b] differentiable log-probability of the drawn pattern's generation prefix (the order form's
+    score-function variable); None = sum_i log q(z_t^i) from log_mask_prob / log_keep_prob."""
+    rate_scale: Tensor | None = None
+    """[b, 1] factor that turns w_i into position i's weight (the order form: L / W(M)); None = 1/t, i.e.
+    A_i = w_i / t. The velocity-matching term uses the same factor."""
 
 
 class Schedule(nn.Module):
@@ -45,6 +56,12 @@ class Schedule(nn.Module):
     def alpha(self, t: Tensor, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
         """[b, l] probability that position i is still clean at time t (used by the sampler)."""
         raise NotImplementedError
+
+    def polynomial_exponents(self, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
+        """[l] or [b, l] exponents w_i of a polynomial-family schedule, alpha_i(t) = 1 - t^{w_i} (the order form
+        of the estimator needs them)."""
+        raise ValueError(f"objective.estimator=order needs a polynomial-family schedule (schedule.kind = "
+                         f"polynomial | mdm_ls | lomdm), not {type(self).__name__}")
 
     def reveal_probability(
         self, t: Tensor, s: Tensor, seq_len: int, scheduler_logits: Tensor | None = None
@@ -82,11 +99,62 @@ def polynomial_reveal_probability(t: Tensor, s: Tensor, exponents: Tensor) -> Te
     return -torch.expm1(w * log_ratio)
 
 
-def normalized_exponents(logits: Tensor, min_exponent: float, exponent_range: float) -> Tensor:
-    """w_i = c1 + c2 * NormSig(v)_i with NormSig(v)_i = sigmoid(v_i - mean_j v_j) (over the last dim).
+EXPONENT_FAMILIES = ("linear", "log")
 
-    Centring removes the one direction that only rescales time for every position at once; w = c1 + c2/2 at
-    v = 0, which is MDLM's w = 1 for the default c1 = 0.25, c2 = 1.5.
+
+def normalized_exponents(logits: Tensor, min_exponent: float, exponent_range: float, family: str = "linear",
+                         max_log_exponent: float = 12.0) -> Tensor:
+    """Exponents from free logits v (over the last dim), centred: c = v - mean_j v_j.
+
+    linear: w_i = c1 + c2 * NormSig(v)_i = c1 + c2 * sigmoid(c_i); w = c1 + c2/2 at v = 0, which is MDLM's w = 1
+    for the default c1 = 0.25, c2 = 1.5. Bounded away from 0, as the time form's variance needs (w > time_power).
+    log: log w_i = R tanh(c_i / R), R = max_log_exponent; w = 1 at v = 0. Ratios up to e^(2R): sharp orders
+    (P(i before j) = w_i / (w_i + w_j)); only the order form can train it (docs/objective.md, section 4c).
+
+    Centring removes the one direction that only rescales time for every position at once.
     """
     centred = logits - logits.mean(dim=-1, keepdim=True)
+    if family == "log":
+        return torch.exp(max_log_exponent * torch.tanh(centred / max_log_exponent))
+    if family != "linear":
+        raise ValueError(f"schedule.exponent_family must be one of {', '.join(EXPONENT_FAMILIES)}, got {family!r}")
     return min_exponent + exponent_range * torch.sigmoid(centred)
+
+
+def order_masking(exponents: Tensor, progress: Tensor, uniforms: Tensor) -> Masking:
+    """The order (reveal-time) form of the polynomial family: one step of the generation order per sequence
+    (docs/objective.md, section 4c).
+
+    -log tau_i ~ Exp(w_i), so the order is an exponential race: sort e_i = -log(u_i) / w_i (first revealed
+    first). With k = ceil(progress * L) - 1 positions revealed, M = the other L - k are masked and the next one is
+    i in M with probability w_i / W(M), W(M) = sum_{j in M} w_j, whatever the time. Rao-Blackwellising that
+    choice, L * sum_{i in M} (w_i / W(M)) * NLL_i is unbiased for the NELBO when progress ~ U(0, 1]: weights
+    L w_i / W(M) <= L, for any w (no 1/t). The denoiser sees t = the time of the next reveal,
+    -log t = sum_{r <= k} E_r / W(M_r), with the race's spacings E_r (i.i.d. Exp(1), independent of the order)
+    held fixed: gradients reach w pathwise through W(M_r) and, through `log_prob` = log P(first k of the order),
+    by the score function.
+
+    Args:
+        exponents: [l] or [b, l] positive w_i (may carry gradients).
+        progress: [b] float64 in (0, 1]: the step, k = ceil(progress * L) - 1.
+        uniforms: [b, l] float64 in (0, 1): the race (the same uniforms the time form masks with).
+    """
+    b, l = uniforms.shape
+    w = exponents.to(torch.float64).expand(b, l)
+    arrival = -uniforms.clamp_min(1e-300).log() / w.detach()  # [b, l] -log tau_i
+    order = arrival.argsort(dim=-1)  # [b, l] positions, first revealed first
+    steps = torch.arange(l, device=w.device)
+    rank = torch.empty_like(order).scatter_(1, order, steps.expand(b, l))  # [b, l] step at which i is revealed
+    k = ((progress.to(torch.float64) * l).ceil().long() - 1).clamp(0, l - 1)  # [b] positions already revealed
+    masked = rank >= k[:, None]  # [b, l]
+    w_order = w.gather(1, order)  # [b, l] exponents in generation order
+    remaining = w_order.flip(-1).cumsum(-1).flip(-1)  # [b, l] W(M_r): exponents not yet revealed before step r
+    before = steps[None, :] < k[:, None]  # [b, l] steps already taken
+    log_prob = ((w_order.log() - remaining.log()) * before).sum(-1)  # [b] log P(pi_1..pi_k)
+    arrival_order = arrival.gather(1, order)  # [b, l] increasing
+    spacing = torch.diff(arrival_order, dim=-1, prepend=torch.zeros(b, 1, dtype=torch.float64, device=w.device))
+    spacing = (spacing * remaining.detach()).clamp_min(0)  # E_r ~ Exp(1), i.i.d., independent of the order
+    log_t = -((spacing / remaining) * (steps[None, :] <= k[:, None])).sum(-1)  # [b], equals -arrival of step k
+    scale = l / remaining.gather(1, k[:, None])  # [b, 1] L / W(M)
+    return Masking(mask_prob=masked.to(torch.float64), weight=w * scale, exponents=w, masked=masked,
+                   time=log_t.exp(), log_prob=log_prob, rate_scale=scale)

@@ -1,4 +1,5 @@
-"""Fixed multivariate schedules: blocks revealed in order (block diffusion), left-to-right and right-to-left.
+"""Fixed multivariate schedules: blocks revealed in order (block diffusion), left-to-right, right-to-left and any
+fixed generation order (a permutation of the positions, block size 1).
 
 K = ceil(L / B) blocks; block k (counted in generation order) owns the time slice [1 - (k+1)/K, 1 - k/K]: before
 it (smaller t) the block is clean, after it masked, and inside it follows the inner univariate schedule at local
@@ -14,6 +15,7 @@ the K slices it is the causal AR NLL (tests/mdm_scale/test_objective.py checks t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,20 +29,29 @@ class BlockSchedule(Schedule):
     block_size: positions per block (1 = a deterministic order).
     inner: univariate schedule inside a block; its eps is forced to 0 so later blocks are fully masked.
     reverse: reveal blocks right to left.
+    order: positions in generation order (0-based, a permutation of range(L)); needs block_size 1.
     """
 
-    def __init__(self, block_size: int, inner: str = "loglinear", exponent: float = 1.0, reverse: bool = False):
+    def __init__(self, block_size: int, inner: str = "loglinear", exponent: float = 1.0, reverse: bool = False,
+                 order: Sequence[int] | None = None):
         super().__init__()
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if order is not None and (block_size != 1 or sorted(order) != list(range(len(order)))):
+            raise ValueError(f"a fixed order needs block size 1 and a permutation of 0..L-1, got {list(order)}")
         self.block_size, self.reverse = block_size, reverse
+        self.order = None if order is None else [int(i) for i in order]
         self.inner = UnivariateSchedule(inner, eps=0.0, exponent=exponent)
 
     def _local_time(self, t: Tensor, seq_len: int) -> tuple[Tensor, int]:
         """[b] t -> ([b, l] unclamped local time of each position's block, K)."""
         num_blocks = math.ceil(seq_len / self.block_size)
         pos = torch.arange(seq_len, device=t.device)
-        if self.reverse:
+        if self.order is not None:  # pos becomes each position's step in the order
+            if len(self.order) != seq_len:
+                raise ValueError(f"schedule.order has {len(self.order)} positions, the sequences {seq_len}")
+            pos = torch.empty_like(pos).scatter_(0, torch.tensor(self.order, device=t.device), pos.clone())
+        elif self.reverse:
             pos = seq_len - 1 - pos
         block = (pos // self.block_size).to(torch.float64)  # [l], 0 = revealed first
         local = num_blocks * t.to(torch.float64)[:, None] - (num_blocks - 1 - block)[None, :]  # [b, l]

@@ -15,23 +15,32 @@ from mdm_scale.schedules.base import (
 
 
 class LearnedPositionSchedule(Schedule):
-    """w_i = c1 + c2 * NormSig(v)_i with one free logit v_i per position (zero-initialised: MDLM's w = 1).
+    """w_i from one free logit v_i per position (zero-initialised: MDLM's w = 1), `normalized_exponents`.
 
     Args:
         max_seq_len: number of position logits; sequences may be shorter (the first l are used).
-        min_exponent, exponent_range: c1 and c2.
+        min_exponent, exponent_range: c1 and c2 of the linear family, w_i = c1 + c2 * NormSig(v)_i.
+        family: linear | log (log w_i = R tanh(centred v_i / R), sharp orders; needs the order estimator).
+        max_log_exponent: R of the log family.
     """
 
     learned = True
 
-    def __init__(self, max_seq_len: int, min_exponent: float = 0.25, exponent_range: float = 1.5):
+    def __init__(self, max_seq_len: int, min_exponent: float = 0.25, exponent_range: float = 1.5,
+                 family: str = "linear", max_log_exponent: float = 12.0):
         super().__init__()
         self.position_logits = nn.Parameter(torch.zeros(max_seq_len))
         self.min_exponent, self.exponent_range = min_exponent, exponent_range
+        self.family, self.max_log_exponent = family, max_log_exponent
+        normalized_exponents(self.position_logits[:1], min_exponent, exponent_range, family)  # checks the name
 
     def exponents(self, seq_len: int) -> Tensor:
         """[l] current exponents."""
-        return normalized_exponents(self.position_logits[:seq_len], self.min_exponent, self.exponent_range)
+        return normalized_exponents(self.position_logits[:seq_len], self.min_exponent, self.exponent_range,
+                                    self.family, self.max_log_exponent)
+
+    def polynomial_exponents(self, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
+        return self.exponents(seq_len)
 
     def masking(self, t: Tensor, seq_len: int, scheduler_logits: Tensor | None = None) -> Masking:
         m = polynomial_masking(t, self.exponents(seq_len))

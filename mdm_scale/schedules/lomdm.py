@@ -8,6 +8,7 @@ are revealed with probability 1 - (s/t)^{w_hat_i}; the sampler passes those logi
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mdm_scale.schedules.base import (
@@ -23,21 +24,28 @@ class StateDependentSchedule(Schedule):
     learned = True
     needs_clean_features = True
 
-    def __init__(self, min_exponent: float = 0.25, exponent_range: float = 1.5):
+    def __init__(self, min_exponent: float = 0.25, exponent_range: float = 1.5, family: str = "linear",
+                 max_log_exponent: float = 12.0):
         super().__init__()
         self.min_exponent, self.exponent_range = min_exponent, exponent_range
+        self.family, self.max_log_exponent = family, max_log_exponent
+        normalized_exponents(torch.zeros(1), min_exponent, exponent_range, family)  # checks the name
 
     def exponents(self, scheduler_logits: Tensor) -> Tensor:
         """[b, l] head logits -> [b, l] exponents."""
         if scheduler_logits is None:
             raise ValueError("the LoMDM schedule needs the scheduler head's logits")
-        return normalized_exponents(scheduler_logits, self.min_exponent, self.exponent_range)
+        return normalized_exponents(scheduler_logits, self.min_exponent, self.exponent_range, self.family,
+                                    self.max_log_exponent)
 
     def backward_exponents(self, backward_logits: Tensor) -> Tensor:
         """The backward scheduler's w_hat: same range, no centring (it must be able to match any w)."""
-        import torch
-
+        if self.family == "log":
+            return torch.exp(self.max_log_exponent * torch.tanh(backward_logits / self.max_log_exponent))
         return self.min_exponent + self.exponent_range * torch.sigmoid(backward_logits)
+
+    def polynomial_exponents(self, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
+        return self.exponents(scheduler_logits)
 
     def masking(self, t: Tensor, seq_len: int, scheduler_logits: Tensor | None = None) -> Masking:
         return polynomial_masking(t, self.exponents(scheduler_logits))

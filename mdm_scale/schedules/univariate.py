@@ -43,3 +43,9 @@ class UnivariateSchedule(Schedule):
 
     def alpha(self, t: Tensor, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
         return (1 - self.mask_prob_and_velocity(t)[0])[:, None].expand(-1, seq_len)
+
+    def polynomial_exponents(self, seq_len: int, scheduler_logits: Tensor | None = None) -> Tensor:
+        if self.kind != "polynomial":
+            raise ValueError(f"objective.estimator=order needs a polynomial-family schedule; {self.kind} is not one "
+                             f"(MDLM's order distribution: schedule.kind=polynomial, exponent 1)")
+        return torch.full((seq_len,), float(self.exponent), dtype=torch.float64)
