@@ -115,11 +115,18 @@ def tasks_per_node(args: argparse.Namespace) -> int:
 
 
 def build_executor(args: argparse.Namespace, folder: Path, job_name: str):
-    """A submitit SlurmExecutor with the cluster options (one task per GPU; requeue allowed)."""
+    """A submitit SlurmExecutor with the cluster options (one task per GPU; requeue allowed). For --dry-run it
+    skips submitit's check for `srun`, so the script and layout can be checked on a machine without SLURM."""
     import submitit
 
+    class DryRunExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses to build an executor where `srun` is missing
+            return 1
+
     python = "python" if args.container_image else sys.executable  # the image's interpreter inside a container
-    executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=args.max_requeues, python=python)
+    kind = DryRunExecutor if args.dry_run else submitit.SlurmExecutor
+    executor = kind(folder=folder / "%j", max_num_timeout=args.max_requeues, python=python)
     params = dict(job_name=job_name, nodes=args.nodes, ntasks_per_node=tasks_per_node(args), time=args.time,
                   signal_delay_s=args.signal_delay, array_parallelism=args.array_parallelism,
                   additional_parameters={"requeue": True},

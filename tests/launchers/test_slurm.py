@@ -33,10 +33,13 @@ def _launch(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------- script and layout
+# Dry runs must work where SLURM is not installed (a laptop, a login node without srun): PATH hides it.
+NO_SLURM = {"PATH": str(Path(sys.executable).parent), "HOME": str(Path.home())}
 
 
 def test_dry_run_prints_the_sbatch_script_for_16_nodes_with_the_resolved_layout():
-    out = _launch("--nodes", "16", "--dry-run", "--partition", "gpu", "--time", "1-00:00:00", "config=owt_1b")
+    out = _launch("--nodes", "16", "--dry-run", "--partition", "gpu", "--time", "1-00:00:00", "config=owt_1b",
+                  env=NO_SLURM)
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -48,7 +51,7 @@ def test_dry_run_prints_the_sbatch_script_for_16_nodes_with_the_resolved_layout(
 
 def test_container_image_runs_every_task_through_pyxis():
     out = _launch("--nodes", "2", "--dry-run", "--container-image", "nvcr.io#nvidia/pytorch:25.10-py3",
-                  "config=owt_1b")
+                  "config=owt_1b", env=NO_SLURM)
     assert out.returncode == 0, out.stderr
     assert "--container-image=nvcr.io#nvidia/pytorch:25.10-py3" in out.stdout
     assert f"--container-mounts={ROOT}:{ROOT}" in out.stdout
@@ -66,14 +69,14 @@ def test_container_image_runs_every_task_through_pyxis():
 def test_invalid_layout_or_config_is_refused_before_submitting(args, message):
     options = [a for a in args if a.startswith("--") or a.isdigit()]
     overrides = [a for a in args if a not in options]
-    out = _launch(*options, "--dry-run", "config=owt_1b", *overrides)
+    out = _launch(*options, "--dry-run", "config=owt_1b", *overrides, env=NO_SLURM)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "#SBATCH" not in out.stdout
 
 
 def test_array_sweeps_every_combination_as_one_job_array(tmp_path):
     out = _launch("--dry-run", "--gpus-per-node", "1", "--array", "objective=mdlm,lomdm",
-                  "--array", "model.num_layers=2,4,6", "config=tiny", f"run_dir={tmp_path}/sweep")
+                  "--array", "model.num_layers=2,4,6", "config=tiny", f"run_dir={tmp_path}/sweep", env=NO_SLURM)
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-5%6" in out.stdout.splitlines()
     dirs = re.findall(r"^# run_dir (\S+):", out.stdout, re.M)
