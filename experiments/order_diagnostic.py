@@ -39,8 +39,9 @@ def heldout_sequences(s: so.Settings, n: int) -> np.ndarray:
     """The first n held-out sequences of the run's data (regenerated exactly as synthetic_order.py does)."""
     g = so.make_table(s.num_symbols, s.data_seed, s.task)
     rng = np.random.default_rng(s.data_seed + 1)
-    so.generate(s.num_train, s.seq_len, g, noise=s.noise, rng=rng, task=s.task)
-    return so.generate(s.num_heldout, s.seq_len, g, noise=s.noise, rng=rng, task=s.task)[:n] + so.FIRST_SYMBOL
+    kw = {"noise": s.noise, "rng": rng, "task": s.task, "source_skew": s.source_skew}
+    so.generate(s.num_train, s.seq_len, g, **kw)
+    return so.generate(s.num_heldout, s.seq_len, g, **kw)[:n] + so.FIRST_SYMBOL
 
 
 def pattern_nlls(denoiser, x: np.ndarray, backward: bool = False):

@@ -48,26 +48,27 @@ from common import (TrainSettings, compare_to_baseline, generation_order_stats, 
                     learned_exponents, limit_threads, load_trained, machine_load, mean_std, override_settings,
                     run_config, spearman, train_run, write_token_dataset)
 from synthetic_order_data import (FIRST_SYMBOL, TASKS, exact_nll_per_token, generate,  # noqa: E402,F401
-                                 make_table, true_nll_per_token)
+                                 make_table, source_probabilities, true_nll_per_token)
 
 OBJECTIVES = ("mdlm", "mdm_ls", "lomdm")
 REFERENCES = ("right_to_left", "ar")
-CONTROLS = ("mdlm_is",)
-"""mdlm_is: MDLM's schedule trained and evaluated with the learned presets' time sampler (time_power 0.2 importance
-sampling, t_min 0): separates the effect of the time sampler from that of a learned order."""
+CONTROLS = ("mdlm_is", "mdlm_order")
+"""mdlm_is: MDLM's schedule trained and evaluated with a heavy-tailed time sampler (time_power 0.2 importance
+sampling, t_min 0). mdlm_order: MDLM's order distribution (polynomial, w = 1) trained with the order form of the
+estimator, as the learned presets are: separates the estimator's effect from that of a learned order."""
 LEARNED = ("mdm_ls", "lomdm")
 SCORE_BASELINES = ("rloo", "time_binned")
 HELDOUT_ORDER_SEED = 99  # fresh generator sequences on which LoMDM's w(x) is read
 
 
-def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_points: int = 1000) -> float:
+def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray) -> float:
     """Exact NELBO (nats/token, t_min = 0) of a trained run on the token ids x [n, L]: no Monte Carlo over t or
     masks, so seeds compare without the held-out evaluation's sampling noise.
 
     The denoiser ignores t, so the NELBO is the order expectation of Prop. 3.1 over NLLs under all 2^L mask
     patterns (mdm_scale.exact): uniform Plackett-Luce for MDLM (every univariate schedule gives the same value),
     PL(w) for MDM-LS, one fixed order for left/right-to-left; LoMDM (w depends on x, plus the velocity-matching
-    term of its backward scheduler) by quadrature over t per sequence."""
+    term of its backward scheduler) by the same lattice per sequence, step by step."""
     import torch
 
     from mdm_scale.exact import all_patterns, fixed_order_nelbo, pattern_nll_batch, plackett_luce_nelbo
@@ -82,11 +83,12 @@ def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_poi
                                           scheduler_head="backward_scheduler" if kind == "lomdm" else None)
         mean = nll.double().mean(0)
         if kind == "lomdm":
-            total = lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward, quadrature_points)
+            total = lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward)
         elif kind == "mdm_ls":
             total = plackett_luce_nelbo(schedule.exponents(l), mean).item()
-        elif kind in ("left_to_right", "right_to_left"):
-            total = fixed_order_nelbo(range(l - 1, -1, -1) if kind == "right_to_left" else range(l), mean)
+        elif kind in ("left_to_right", "right_to_left", "fixed_order"):
+            order = {"left_to_right": range(l), "right_to_left": range(l - 1, -1, -1)}.get(kind, cfg.objective.schedule.order)
+            total = fixed_order_nelbo(order, mean)
         elif kind in ("loglinear", "cosine", "polynomial"):
             total = plackett_luce_nelbo(torch.ones(l), mean).item()
         else:
@@ -94,24 +96,19 @@ def exact_heldout_nelbo(cfg, checkpoint_dir: Path, x: np.ndarray, quadrature_poi
     return total / l
 
 
-def lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward_logits, quadrature_points: int = 1000,
-                      reconstruction_only: bool = False) -> float:
+def lomdm_exact_nelbo(denoiser, schedule, x0, nll, backward_logits, reconstruction_only: bool = False) -> float:
     """LoMDM's exact NELBO per sequence (sum over positions), averaged over x0 [n, L], from the pattern NLLs and
-    backward-scheduler logits of `pattern_nll_batch` [n, P, L]: w(x) from the forward scheduler on clean x,
-    quadrature over t per sequence with the velocity-matching term. reconstruction_only: the Plackett-Luce
-    reconstruction part alone (no velocity term), exactly by the pattern lattice."""
+    backward-scheduler logits of `pattern_nll_batch` [n, P, L]: w(x) from the forward scheduler on clean x, the
+    Plackett-Luce lattice per sequence with the velocity-matching term of each step (docs/objective.md, 4c).
+    reconstruction_only: the Plackett-Luce reconstruction part alone (no velocity term)."""
     import torch
 
-    from mdm_scale.exact import all_patterns, plackett_luce_nelbo, quadrature_nelbo
+    from mdm_scale.exact import plackett_luce_nelbo
 
-    patterns = all_patterns(x0.shape[1])
     forward = denoiser.scheduler_logits("forward_scheduler", denoiser(x0, torch.zeros(len(x0))))
-    if reconstruction_only:
-        w = schedule.exponents(forward)
-        return sum(plackett_luce_nelbo(w[k], nll[k]).item() for k in range(len(x0))) / len(x0)
-    return sum(quadrature_nelbo(schedule, patterns, nll[k], scheduler_logits=forward[k:k + 1],
-                                backward_exponents=schedule.backward_exponents(backward_logits[k]),
-                                points=quadrature_points).item() for k in range(len(x0))) / len(x0)
+    w = schedule.exponents(forward)
+    w_hat = None if reconstruction_only else schedule.backward_exponents(backward_logits)
+    return plackett_luce_nelbo(w, nll, w_hat).mean().item()
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -120,6 +117,8 @@ class Settings(TrainSettings):
     task: str = "chain2"
     num_symbols: int = 8
     noise: float = 0.02
+    source_skew: float = 0.0
+    """Law of the source tokens, p_j proportional to (j + 1)^-skew (0 = uniform; see synthetic_order_data)."""
     num_train: int = 20000
     num_heldout: int = 512
     data_seed: int = 1234
@@ -141,13 +140,19 @@ class Settings(TrainSettings):
 
 # Command-line options that set a Settings field of the same name, applied in this order; --steps alone also
 # caps eval_every at the new step count (an explicit --eval-every wins).
-SETTING_OPTIONS = ("task", "num_symbols", "noise", "seq_len", "steps", "eval_every", "batch", "lr", "layers",
-                   "hidden", "heads", "num_train", "schedule_lr_mult", "exponent_range")
+SETTING_OPTIONS = ("task", "num_symbols", "noise", "source_skew", "seq_len", "steps", "eval_every", "batch", "lr",
+                   "layers", "hidden", "heads", "num_train", "schedule_lr_mult", "exponent_range")
 
 
 def parse_objective(spec: str) -> tuple[str, str | None]:
-    """'mdm_ls:time_binned' -> ('mdm_ls', 'time_binned'); 'mdlm' -> ('mdlm', None)."""
+    """'mdm_ls:time_binned' -> ('mdm_ls', 'time_binned'); 'mdlm' -> ('mdlm', None); 'fixed:4.3.2.1.0.5.6.7' ->
+    ('fixed', '4.3.2.1.0.5.6.7') (a fixed generation order, 0-based positions, first generated first)."""
     base, _, baseline = spec.partition(":")
+    if base == "fixed":
+        order = [int(i) for i in baseline.split(".")] if baseline else []
+        if sorted(order) != list(range(len(order))) or not order:
+            raise ValueError(f"{spec!r}: a fixed order is 'fixed:' + a permutation of 0..L-1 joined by '.'")
+        return base, baseline
     if base not in OBJECTIVES + REFERENCES + CONTROLS:
         raise ValueError(f"unknown objective {base!r}")
     if baseline and (base not in LEARNED or baseline not in SCORE_BASELINES):
@@ -159,8 +164,13 @@ def objective_overrides(spec: str, s: Settings) -> list[str]:
     base, baseline = parse_objective(spec)
     if base == "mdlm_is":
         return ["objective=mdlm", "objective.time_power=0.2", "objective.t_min=0.0"]
+    if base == "mdlm_order":
+        return ["objective=mdlm", "objective.schedule.kind=polynomial", "objective.schedule.exponent=1.0",
+                "objective.estimator=order", "objective.t_min=0.0"]
     if base == "right_to_left":
         return ["objective=ar", "objective.schedule.kind=right_to_left"]
+    if base == "fixed":
+        return ["objective=ar", "objective.schedule.kind=fixed_order", f"objective.schedule.order=[{baseline.replace('.', ',')}]"]
     out = [f"objective={base}"]
     if base in LEARNED:
         out.append(f"objective.schedule.exponent_range={s.exponent_range}")
@@ -175,13 +185,17 @@ EXACT_MAX_LEN = 10
 
 
 def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_x: np.ndarray,
-            heldout_x: np.ndarray) -> dict:
-    safe = spec.replace(":", "-")
+            heldout_x: np.ndarray, label: str | None = None) -> dict:
+    """Train one objective spec with one seed; `label` names the record instead of the spec (the retrained
+    learned orders: one spec per seed, one label for all)."""
+    label = label or spec
+    safe = label.replace(":", "-").replace("/", "-")
     run_dir = out / "runs" / f"{safe}-s{seed}"
     cfg = run_config(objective_overrides(spec, s), data_dir=data_dir, run_dir=run_dir,
                      name=f"synthetic-{safe}-s{seed}", seed=seed, s=s)
     result = train_run(cfg, schedule_lr_mult=s.schedule_lr_mult)
-    record = {"objective": spec, "seed": seed, **{k: v for k, v in result.items() if k != "checkpoint"}}
+    record = {"objective": label, "spec": spec, "seed": seed,
+              **{k: v for k, v in result.items() if k != "checkpoint"}}
     if s.seq_len <= EXACT_MAX_LEN:
         record["exact_nelbo"] = exact_heldout_nelbo(cfg, run_dir / "checkpoints", heldout_x)
     w_all = learned_exponents(cfg, run_dir / "checkpoints", order_x, per_sample=True)
@@ -194,12 +208,29 @@ def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_
         record["mean_reveal_time"] = (w_all / (w_all + 1)).mean(0).tolist()
         record["spearman_position_w"] = spearman(np.arange(len(w)), w)
         record.update(generation_order_stats(w_all, seed=seed))
-    print(f"[synthetic_order] {spec} seed {seed}: final held-out NELBO {record['final_nelbo']:.4f} "
+    print(f"[synthetic_order] {label} seed {seed}: final held-out NELBO {record['final_nelbo']:.4f} "
           + (f"(exact {record['exact_nelbo']:.4f}) " if "exact_nelbo" in record else "")
           + f"({record['wall_s']:.0f} s, load {record['load_after'][:1]})"
           + (f", Spearman(position, w) {record['spearman_position_w']:+.3f}, P(right neighbour first) "
              f"{record['p_right_neighbour_first']:.3f}" if w_all is not None else ""), flush=True)
     return record
+
+
+def modal_order(w) -> list[int]:
+    """Positions (0-based) by decreasing exponent: the most likely generation order of PL(w)."""
+    return [int(i) for i in np.argsort(-np.asarray(w), kind="stable")]
+
+
+def retrain_learned_orders(records: list[dict], run, seeds: list[int]) -> list[dict]:
+    """For every MDM-LS record, train a fixed-order denoiser (same seed and budget) on its modal learned order:
+    how good the order it found is when a denoiser is trained on it alone, next to right_to_left's."""
+    out = []
+    for r in [r for r in records if parse_objective(r["spec"])[0] == "mdm_ls" and r["seed"] in seeds]:
+        order = modal_order(r["exponents"])
+        rec = run(f"fixed:{'.'.join(map(str, order))}", r["seed"], label=f"{r['objective']}/retrained")
+        rec["order"] = [i + 1 for i in order]
+        out.append(rec)
+    return out
 
 
 def headline(record: dict) -> float:
@@ -299,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", choices=TASKS, default=None, help="data generator (default chain2)")
     parser.add_argument("--num-symbols", type=int, default=None, help="V (default 8)")
     parser.add_argument("--noise", type=float, default=None, help="resampling probability (default 0.02)")
+    parser.add_argument("--source-skew", type=float, default=None,
+                        help="source tokens p_j ~ (j+1)^-skew (default 0: uniform)")
     parser.add_argument("--seq-len", type=int, default=None, help="L (default 8)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600)")
     parser.add_argument("--eval-every", type=int, default=None)
@@ -310,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--schedule-lr-mult", type=float, default=None)
     parser.add_argument("--exponent-range", type=float, default=None)
+    parser.add_argument("--retrain-learned-order", action="store_true",
+                        help="also train a fixed-order denoiser on each MDM-LS run's modal learned order")
     parser.add_argument("--plot-prefix", default="synthetic_order", help="file-name prefix of the PNGs")
     parser.add_argument("--replot", default=None, metavar="REPORT_JSON",
                         help="only redraw the plots (into --plots or OUT) from an existing report.json")
@@ -335,19 +370,27 @@ def main(argv: list[str] | None = None) -> dict:
     start, load_start = time.time(), machine_load()
     g = make_table(s.num_symbols, s.data_seed, s.task)
     rng = np.random.default_rng(s.data_seed + 1)
-    splits = {split: generate(n, s.seq_len, g, noise=s.noise, rng=rng, task=s.task)
+    splits = {split: generate(n, s.seq_len, g, noise=s.noise, rng=rng, task=s.task,
+                             source_skew=s.source_skew)
               for split, n in (("train", s.num_train), ("heldout", s.num_heldout))}
     data_dir = out / "data"
     write_token_dataset(data_dir, splits, tokenizer="byte", offset=FIRST_SYMBOL)
     data = {"task": s.task, "table": g.tolist(), "seq_len": s.seq_len, "num_symbols": s.num_symbols,
-            "noise": s.noise, "num_train": s.num_train, "num_heldout": s.num_heldout,
-            "true_nll_per_token": true_nll_per_token(s.num_symbols, s.seq_len, s.noise, s.task),
-            "heldout_exact_nll_per_token": exact_nll_per_token(splits["heldout"], g, s.noise, s.task),
-            "train_exact_nll_per_token": exact_nll_per_token(splits["train"], g, s.noise, s.task)}
+            "noise": s.noise, "source_skew": s.source_skew, "num_train": s.num_train, "num_heldout": s.num_heldout,
+            "true_nll_per_token": true_nll_per_token(s.num_symbols, s.seq_len, s.noise, s.task, s.source_skew),
+            "heldout_exact_nll_per_token": exact_nll_per_token(splits["heldout"], g, s.noise, s.task, s.source_skew),
+            "train_exact_nll_per_token": exact_nll_per_token(splits["train"], g, s.noise, s.task, s.source_skew)}
     order_x = generate(s.num_heldout, s.seq_len, g, noise=s.noise, rng=np.random.default_rng(HELDOUT_ORDER_SEED),
-                       task=s.task) + FIRST_SYMBOL
-    records = [run_one(obj, seed, data_dir, out, s, order_x, splits["heldout"] + FIRST_SYMBOL)
-               for obj in objectives for seed in args.seeds]
+                       task=s.task, source_skew=s.source_skew) + FIRST_SYMBOL
+
+    def run(spec, seed, label=None):
+        return run_one(spec, seed, data_dir, out, s, order_x, splits["heldout"] + FIRST_SYMBOL, label)
+
+    records = [run(obj, seed) for obj in objectives for seed in args.seeds]
+    if args.retrain_learned_order:
+        retrained = retrain_learned_orders(records, run, args.seeds)
+        records += retrained
+        objectives += list(dict.fromkeys(r["objective"] for r in retrained))
     summary = summarise(records, objectives)
     plots = plot(records, objectives, Path(args.plots) if args.plots else out, args.plot_prefix,
                  data["heldout_exact_nll_per_token"])

@@ -223,12 +223,16 @@ class Settings(TrainSettings):
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def run_one(objective: str, seed: int, data_dir: Path, out: Path, s: Settings) -> dict:
+def run_one(objective: str, seed: int, data_dir: Path, out: Path, s: Settings,
+            learned_overrides: tuple[str, ...] = ()) -> dict:
+    """Train and evaluate one objective; `learned_overrides` (config key=value) apply to mdm_ls / lomdm only."""
     from mdm_scale.evaluation import evaluate_checkpoint
 
     run_dir = out / "runs" / f"{objective}-s{seed}"
     overrides = (["objective=mdlm", "objective.time_power=0.2", "objective.t_min=0.0"] if objective == "mdlm_is"
                  else [f"objective={objective}"])
+    if objective in ("mdm_ls", "lomdm"):
+        overrides += list(learned_overrides)
     cfg = run_config(overrides, data_dir=data_dir, run_dir=run_dir, name=f"uci-{objective}-s{seed}",
                      seed=seed, s=s)
     result = train_run(cfg, schedule_lr_mult=s.schedule_lr_mult)
@@ -330,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-csv", default=None, help="UCI Adult-format rows to train on instead of the wheel")
     parser.add_argument("--test-csv", default=None, help="UCI Adult-format rows to hold out (with --train-csv)")
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    parser.add_argument("--learned-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for mdm_ls / lomdm only (e.g. the bounded time-form variant)")
     parser.add_argument("--replot", default=None, metavar="REPORT", help="redraw the plots of a report.json, no training")
     for name in ("steps", "eval_every", "batch", "hidden", "layers", "bins", "eval_batches", "eval_time_samples",
                  "final_time_samples"):
@@ -373,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[uci_adult] {len(x['train'])} train / {len(x['heldout'])} held-out rows, "
           f"{sum(c.size for c in codes)} ids; independent-columns reference {reference:.4f} nats/token", flush=True)
 
-    records = [run_one(obj, seed, data_dir, out, s) for seed in args.seeds for obj in args.objectives]
+    records = [run_one(obj, seed, data_dir, out, s, tuple(args.learned_override))
+               for seed in args.seeds for obj in args.objectives]
     summary = summarise(records, args.objectives)
     report = {"command": " ".join([sys.executable, *sys.argv]) if argv is None else
               "experiments/uci_adult.py " + " ".join(argv),
