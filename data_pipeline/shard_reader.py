@@ -125,6 +125,15 @@ class _TarSamples(_ShardSamples):
         self._files = np.asarray(files, dtype=np.int64)
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
+        # Every member is the same .npy (one dtype, one length): parse its header once, here in the parent, and
+        # decode rows with np.frombuffer. np.load parses each header with ast.literal_eval, which CPython 3.11.7
+        # can fail in a forked DataLoader worker ("AST constructor recursion depth mismatch", seen in CI).
+        self._npy_header, self._npy_dtype, self._npy_shape = b"", None, None
+        if len(self._sizes):
+            raw = self._read(0)
+            first = np.load(io.BytesIO(raw), allow_pickle=False)
+            self._npy_header = raw[: len(raw) - first.nbytes]
+            self._npy_dtype, self._npy_shape = first.dtype, first.shape
 
     def _handle(self, file_idx: int):
         if self._pid != os.getpid():  # forked (e.g. a DataLoader worker): never share file offsets with the parent
@@ -133,12 +142,19 @@ class _TarSamples(_ShardSamples):
             self._handles[file_idx] = open(self._paths[file_idx], "rb")
         return self._handles[file_idx]
 
+    def _read(self, i: int) -> bytes:
+        f = self._handle(int(self._files[i]))
+        f.seek(int(self._offsets[i]))
+        return f.read(int(self._sizes[i]))
+
     def get(self, indices: np.ndarray) -> np.ndarray:
         rows = []
         for i in indices:
-            f = self._handle(int(self._files[i]))
-            f.seek(int(self._offsets[i]))
-            rows.append(np.load(io.BytesIO(f.read(int(self._sizes[i]))), allow_pickle=False))
+            raw = self._read(int(i))
+            if self._npy_header and raw.startswith(self._npy_header):  # the common case: no header parsing
+                rows.append(np.frombuffer(raw, self._npy_dtype, offset=len(self._npy_header)).reshape(self._npy_shape))
+            else:
+                rows.append(np.load(io.BytesIO(raw), allow_pickle=False))
         return np.stack(rows)
 
     def __del__(self) -> None:
