@@ -24,6 +24,16 @@ import numpy as np
 LEARNED_KINDS = ("mdm_ls", "lomdm")
 """Schedule kinds whose exponents are parameters (read back by `learned_exponents`)."""
 
+CONTROL_OVERRIDES = {
+    "mdlm_is": ("objective=mdlm", "objective.time_power=0.2", "objective.t_min=0.0"),
+    "mdlm_order": ("objective=mdlm", "objective.schedule.kind=polynomial", "objective.schedule.exponent=1.0",
+                   "objective.estimator=order", "objective.t_min=0.0"),
+}
+"""Controls that separate a learned order from the learned presets' estimator. mdlm_is: MDLM's schedule trained
+and evaluated with a heavy-tailed time sampler (time_power 0.2 importance sampling, t_min 0). mdlm_order: MDLM's
+order distribution (polynomial, w = 1: uniform orders) trained with the order form of the estimator, as the learned
+presets are (docs/objective.md)."""
+
 
 def limit_threads(n: int = 1) -> None:
     """One intra-op thread (shared CPU machines: several experiments at once must not oversubscribe cores)."""

