@@ -115,11 +115,29 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        if zero_stage == 0 and not grad_clip:
+            config["gradient_clipping"] = float("inf")  # no clipping, but DeepSpeed then computes the norm
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, mpu=MegatronMPU(),
             dist_init_required=False,
         )
         self.model = model
+        if zero_stage == 0:
+            self._keep_clipping_norm()
+
+    def _keep_clipping_norm(self) -> None:
+        """ZeRO 0 with a torch optimizer: DeepSpeed computes the global gradient norm when it clips (after the
+        data-parallel reduction, before the update, TP-aware through the mpu) but drops it, so
+        get_global_grad_norm() is None. Keep the value its clipping returns; ZeRO 1/2 record theirs."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_and_keep_norm():
+            engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                       max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+        engine.clip_fp32_gradients = clip_and_keep_norm
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.external_backward:

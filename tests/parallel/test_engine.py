@@ -8,7 +8,8 @@ import torch
 from tests.parallel import workers
 from tests.spawn import run_ranks
 
-STEPS = ["train.steps=5", "optimizer.lr=1e-3", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5"]
+STEPS = ["train.steps=5", "optimizer.lr=1e-3", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5",
+         "logging.log_every=1"]
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
@@ -30,6 +31,18 @@ def test_data_parallel_matches_single_process_loss_trajectory(reference, tmp_pat
     for step, loss in reference["losses"].items():
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
     assert _max_abs_diff(reference["params"], ranks[0]["params"]) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_logged_gradient_norm_is_the_single_process_one_at_every_zero_stage(reference, tmp_path, stage):
+    """The norm before clipping, over the whole data-parallel batch: DeepSpeed drops it at ZeRO 0 (its plain
+    optimizer path), where the engine keeps the value DeepSpeed's clipping computes."""
+    ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4",
+                                             f"parallel.zero_stage={stage}"])
+    assert sorted(reference["grad_norms"]) == [1, 2, 3, 4, 5]
+    for step, norm in reference["grad_norms"].items():
+        assert norm > 0.5  # clipping is active in these steps, so the logged norm must be the one before it
+        assert ranks[0]["grad_norms"][step] == pytest.approx(norm, rel=1e-5), step
 
 
 def test_p_pots_proposal_is_identical_on_every_rank_and_equals_single_process(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -94,8 +97,11 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     model.load_state_dict(to_local(ckpt.model, layout))
     optimizer = ckpt.optimizer["optimizer"]
     base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"  # rank 0's log
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     return {
         "losses": result.losses,
+        "grad_norms": {m["step"]: m["train/grad_norm"] for m in logged if "train/grad_norm" in m},
         "params": {layout[n].global_name: full_tensor(p) for n, p in model.named_parameters()},
         "shard_shapes": {layout[n].global_name: p.shape for n, p in model.named_parameters()},
         "adam_state_numel": _numel(base.get("state", {})),
