@@ -6,7 +6,7 @@ script's directory is on sys.path; `experiments.common` also works from the repo
 
     write_token_dataset(root, {"train": x_train, "heldout": x_heldout}, offset=ord("a"))
     cfg = run_config(["objective=mdlm", ...], data_dir=root, run_dir=..., name=..., seed=0, s=TrainSettings())
-    result = train_run(cfg, schedule_lr_mult=10.0)     # {"final_nelbo", "evals", "losses", "curve", "wall_s", ...}
+    result = train_run(cfg)                            # {"final_nelbo", "evals", "losses", "curve", "wall_s", ...}
     w = learned_exponents(cfg, run_dir / "checkpoints", x_heldout)   # None for fixed schedules
 """
 
@@ -93,6 +93,8 @@ class TrainSettings:
     warmup: int = 20
     eval_batches: int = 16
     eval_time_samples: int = 4
+    schedule_lr_mult: float = 1.0
+    """optimizer.schedule_lr_mult: the learned schedule's parameters at this multiple of lr."""
 
 
 def override_settings(settings, args, names: Iterable[str]) -> list[str]:
@@ -122,6 +124,7 @@ def run_config(objective_overrides: Sequence[str], *, data_dir: str | os.PathLik
         f"data.micro_batch_size={s.batch}",
         f"model.num_layers={s.layers}", f"model.hidden_size={s.hidden}", f"model.num_attention_heads={s.heads}",
         f"model.scheduler_head_size={s.hidden}", f"optimizer.lr={s.lr}", f"optimizer.warmup_steps={s.warmup}",
+        f"optimizer.schedule_lr_mult={s.schedule_lr_mult}",
         "logging.wandb=false", "logging.progress=false", f"logging.log_every={max(1, s.steps)}",
         "sampling.num_samples=0", f"train.steps={s.steps}", f"train.eval_every={s.eval_every}",
         f"train.eval_batches={s.eval_batches}", f"train.eval_time_samples={s.eval_time_samples}",
@@ -130,51 +133,15 @@ def run_config(objective_overrides: Sequence[str], *, data_dir: str | os.PathLik
     ])
 
 
-def engine_builder_with_schedule_lr(schedule_lr_mult: float):
-    """`mdm_scale.train.build_training_engine` with a second AdamW parameter group for the schedule parameters at
-    `schedule_lr_mult` x lr (same warm-up/cosine multiplier: LambdaLR scales each group's own base lr)."""
-    import torch
-
-    from mdm_scale.schedules import is_schedule_parameter
-    from mdm_scale.train import warmup_cosine
-    from parallel.engine import build_engine
-
-    def build(model, cfg, dims):
-        opt = cfg.optimizer
-        named = list(model.named_parameters())
-        groups = [{"params": [p for n, p in named if not is_schedule_parameter(n)], "lr": opt.lr},
-                  {"params": [p for n, p in named if is_schedule_parameter(n)], "lr": opt.lr * schedule_lr_mult}]
-        groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
-        lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda st: warmup_cosine(st, warmup=opt.warmup_steps, total=cfg.train.steps,
-                                                min_ratio=opt.min_lr_ratio))
-        return build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage,
-                            grad_clip=opt.grad_clip, grad_accumulation=cfg.data.grad_accumulation,
-                            micro_batch_size=cfg.data.micro_batch_size, pipeline_parallel=dims.pipeline_parallel)
-
-    return build
-
-
-def train_run(cfg, *, schedule_lr_mult: float = 1.0) -> dict:
+def train_run(cfg) -> dict:
     """Train `cfg` in-process with `mdm_scale.train.train` (the launcher's loop) and collect its numbers.
-
-    schedule_lr_mult != 1 gives the schedule parameters (if any) their own AdamW group at that multiple of lr
-    (a deviation from the library's optimizer; 1 = the library exactly).
 
     Returns {"final_nelbo": held-out NELBO at the last evaluation, "curve": [(step, nelbo), ...],
     "evals": {"step": nelbo}, "losses": {"step": training loss}, "wall_s", "checkpoint", "load_after"}."""
-    import mdm_scale.train as trainer
+    from mdm_scale.train import train
 
-    original = trainer.build_training_engine
-    if schedule_lr_mult != 1.0 and cfg.objective.schedule.kind in LEARNED_KINDS:
-        trainer.build_training_engine = engine_builder_with_schedule_lr(schedule_lr_mult)
     start = time.time()
-    try:
-        result = trainer.train(cfg)
-    finally:
-        trainer.build_training_engine = original
+    result = train(cfg)
     wall = time.time() - start
     curve = sorted(result.evals.items())
     return {"final_nelbo": curve[-1][1], "curve": [[int(k), float(v)] for k, v in curve],

@@ -187,7 +187,7 @@ def run_one(spec: str, seed: int, data_dir: Path, out: Path, s: Settings, order_
     run_dir = out / "runs" / f"{safe}-s{seed}"
     cfg = run_config(objective_overrides(spec, s), data_dir=data_dir, run_dir=run_dir,
                      name=f"synthetic-{safe}-s{seed}", seed=seed, s=s)
-    result = train_run(cfg, schedule_lr_mult=s.schedule_lr_mult)
+    result = train_run(cfg)
     record = {"objective": label, "spec": spec, "seed": seed,
               **{k: v for k, v in result.items() if k != "checkpoint"}}
     if s.seq_len <= EXACT_MAX_LEN:

@@ -234,7 +234,7 @@ def run_one(objective: str, seed: int, data_dir: Path, out: Path, s: Settings,
         overrides += list(learned_overrides)
     cfg = run_config(overrides, data_dir=data_dir, run_dir=run_dir, name=f"uci-{objective}-s{seed}",
                      seed=seed, s=s)
-    result = train_run(cfg, schedule_lr_mult=s.schedule_lr_mult)
+    result = train_run(cfg)
     start = time.time()
     final = evaluate_checkpoint(result["checkpoint"], data_path=str(data_dir),
                                 time_samples=s.final_time_samples, seed=1234)

@@ -27,7 +27,7 @@ from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.preemption import StopRequest
 from mdm_scale.sampling import generate, sampler_options
-from mdm_scale.schedules import build_schedule
+from mdm_scale.schedules import build_schedule, is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
@@ -90,10 +90,16 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
 
 
 def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
-    """AdamW with warm-up + cosine decay, wrapped by the engine `cfg.parallel` asks for (plain, or DeepSpeed ZeRO)."""
+    """AdamW with warm-up + cosine decay, wrapped by the engine `cfg.parallel` asks for (plain, or DeepSpeed ZeRO).
+
+    Two parameter groups: the network at lr and the learned schedule's parameters at schedule_lr_mult x lr (LambdaLR
+    scales each group's own base lr, so both follow the same warm-up and cosine); an empty group is left out."""
     opt = cfg.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                  weight_decay=opt.weight_decay)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not is_schedule_parameter(n)], "lr": opt.lr},
+              {"params": [p for n, p in named if is_schedule_parameter(n)], "lr": opt.lr * opt.schedule_lr_mult}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opt.lr, betas=tuple(opt.betas),
+                                  eps=opt.eps, weight_decay=opt.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )

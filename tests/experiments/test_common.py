@@ -63,10 +63,10 @@ def test_train_run_collects_the_nelbo_curve_and_learned_exponents(tmp_path):
     common.write_token_dataset(tmp_path / "d", {"train": rng.integers(0, 8, (64, 8)),
                                                 "heldout": rng.integers(0, 8, (16, 8))}, offset=ord("a"))
     s = common.TrainSettings(seq_len=8, steps=4, eval_every=2, layers=1, hidden=32, heads=2, batch=8, warmup=1,
-                             eval_batches=2, eval_time_samples=1)
+                             eval_batches=2, eval_time_samples=1, schedule_lr_mult=10.0)
     cfg = common.run_config(["objective=mdm_ls"], data_dir=tmp_path / "d", run_dir=tmp_path / "run", name="t",
                             seed=0, s=s)
-    result = common.train_run(cfg, schedule_lr_mult=10.0)
+    result = common.train_run(cfg)
     assert [step for step, _ in result["curve"]] == [0, 2, 4]
     assert result["final_nelbo"] == result["curve"][-1][1] and math.isfinite(result["final_nelbo"])
     assert len(result["losses"]) == 4 and result["wall_s"] > 0

@@ -27,6 +27,29 @@ def test_every_objective_trains_tiny(dims, tmp_path, objective):
     assert result.checkpoint.endswith("step_00000004") and len(result.samples) == 1
 
 
+@pytest.mark.parametrize("objective", ["mdm_ls", "lomdm", "mdlm"])
+def test_schedule_parameters_train_at_their_own_learning_rate(dims, tmp_path, objective):
+    """optimizer.schedule_lr_mult: the learned schedule's parameters (MDM-LS logits, LoMDM scheduler heads) form
+    the second AdamW group at 10x lr through warm-up and cosine; MDLM has none, so one group."""
+    from mdm_scale.schedules import is_schedule_parameter
+    from mdm_scale.train import build_model, build_training_engine
+
+    cfg = _cfg(tmp_path, objective, f"objective={objective}", "optimizer.schedule_lr_mult=10", "train.steps=10",
+               "optimizer.warmup_steps=2")
+    model = build_model(cfg, 257, dims)
+    engine = build_training_engine(model, cfg, dims)
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = engine.optimizer.param_groups
+    kinds = [{is_schedule_parameter(name[id(p)]) for p in g["params"]} for g in groups]
+    assert kinds == ([{False}] if objective == "mdlm" else [{False}, {True}])
+    assert sum(len(g["params"]) for g in groups) == len(name)
+    for step in range(1, 6):
+        engine.optimizer.step()  # no gradients: nothing moves, but LambdaLR wants a step before its own
+        engine.lr_schedule.step()
+        if len(groups) == 2:
+            assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"]) and groups[0]["lr"] > 0, step
+
+
 def test_eval_nelbo_falls_by_30_percent(dims, tmp_path):
     result = train(_cfg(tmp_path, "fall", "train.steps=80", "train.eval_every=40", "model.hidden_size=64",
                         "optimizer.lr=3e-3", "optimizer.warmup_steps=10", "data.micro_batch_size=16"))

@@ -62,6 +62,26 @@ def test_p_pots_proposal_is_identical_on_every_rank_and_equals_single_process(tm
         assert ranks[0]["losses"][step] == pytest.approx(loss, rel=1e-5), step
 
 
+def test_zero_keeps_the_schedule_learning_rate_group(tmp_path):
+    """optimizer.schedule_lr_mult gives LoMDM's scheduler heads their own AdamW group: ZeRO 1 over two ranks
+    trains them like the single process does, and the multiple changes them (the check above can fail).
+
+    The heads' output biases are left out of the comparison: the exponents are centred over positions
+    (schedules.base.normalized_exponents), so their gradient is exactly zero and Adam turns round-off into
+    updates of about +-lr (the same effect as in `_max_abs_diff`, measured 2e-4 at lr 1e-3 with or without ZeRO)."""
+    lomdm = [*STEPS, "objective=lomdm"]
+    single = run_ranks(1, workers.train_run, [*lomdm, "optimizer.schedule_lr_mult=10", f"run_dir={tmp_path / 'one'}",
+                                              "data.micro_batch_size=8"])[0]
+    ranks = run_ranks(2, workers.train_run, [*lomdm, "optimizer.schedule_lr_mult=10", f"run_dir={tmp_path / 'two'}",
+                                             "data.micro_batch_size=4", "parallel.zero_stage=1"])
+    plain = run_ranks(1, workers.train_run, [*lomdm, f"run_dir={tmp_path / 'plain'}", "data.micro_batch_size=8"])[0]
+    centred = {n: p for n, p in single["params"].items() if not n.endswith("_scheduler.net.2.bias")}
+    assert len(centred) == len(single["params"]) - 2  # the forward and the backward head
+    assert _max_abs_diff(centred, ranks[0]["params"]) < 1e-5
+    heads = {n: p for n, p in centred.items() if ".scheduler_heads." in n}
+    assert heads and _max_abs_diff(heads, plain["params"]) > 1e-3
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_matches_single_process_adamw_and_halves_optimizer_state(reference, tmp_path, stage):
     ranks = run_ranks(2, workers.train_run, [*STEPS, f"run_dir={tmp_path}", "data.micro_batch_size=4",
