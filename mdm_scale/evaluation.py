@@ -5,7 +5,8 @@
 
 The command evaluates a checkpoint (any training layout; consolidated to one model per rank) on a split of its own
 data or of any preprocessed corpus, batches strided over ranks, noise seeded per batch so the result does not
-depend on the number of ranks. It prints NELBO (nats/token), bits/token and the perplexity bound; for the
+depend on the number of ranks. It prints NELBO (nats/token) with its standard error over batches (data and noise),
+bits/token and the perplexity bound; for the
 autoregressive objective also the exact NLL (one masked position per pass: the causal likelihood).
 """
 
@@ -73,6 +74,20 @@ def evaluate_nelbo(
     return _summary(total, count)
 
 
+def _ratio_stderr(total: float, count: float, batches: float, total_sq: float, total_count: float,
+                  count_sq: float) -> float:
+    """Standard error of the per-token NELBO r = sum_k S_k / sum_k n_k over independent batches k (S_k: summed
+    NELBO of batch k, n_k: its token draws), by the delta method for a ratio:
+    se^2 = sum_k (S_k - r n_k)^2 / (K (K - 1) nbar^2). The batches are independent draws of the held-out data and
+    of the noise (each has its own seed), so this covers both; the antithetic times inside a batch stay inside
+    S_k. nan with fewer than two batches."""
+    if batches < 2:
+        return float("nan")
+    r = total / count
+    residual = max(total_sq - 2 * r * total_count + r * r * count_sq, 0.0)
+    return math.sqrt(residual / (batches * (batches - 1))) / (count / batches)
+
+
 def _summary(total: float, count: int) -> dict[str, float]:
     value = total / count
     return {"nelbo": value, "bits_per_token": value / math.log(2), "ppl_bound": math.exp(min(value, 700.0)),
@@ -121,14 +136,18 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
                          seed=0, shuffle=False, remote=remote)
     n = batches.batches_per_epoch if max_batches is None else min(max_batches, batches.batches_per_epoch)
     # Batch k goes to rank k mod world, with noise seeded by (seed, k): any rank count gives the same numbers.
-    sums = torch.zeros(4, dtype=torch.float64)  # NELBO x draws, token draws, exact AR NLL, tokens
+    # NELBO x draws, token draws, exact AR NLL, tokens, then batch count and the second moments of the per-batch
+    # (NELBO x draws, draws) pairs for the standard error.
+    sums = torch.zeros(8, dtype=torch.float64)
     ar = exact_ar and isinstance(schedule, BlockSchedule) and schedule.block_size == 1
     for k in range(dims.rank, n, dims.world_size):
         batch = batches.batch_at(0, k * batches.batch_size * batches.world_size)
         metrics = evaluate_nelbo(denoiser, schedule, [batch], cfg.objective, time_samples=time_samples,
                                  seed=seed * 1_000_003 + k, device=dims.device)
-        sums[0] += metrics["nelbo"] * metrics["tokens"]
-        sums[1] += metrics["tokens"]
+        total, draws = metrics["nelbo"] * metrics["tokens"], metrics["tokens"]
+        sums[0] += total
+        sums[1] += draws
+        sums[4:] += torch.tensor([1.0, total * total, total * draws, draws * draws], dtype=torch.float64)
         if ar:
             x0, document_ids = split_document_ids(batch)
             if document_ids is not None:
@@ -139,6 +158,7 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
         dist.all_reduce(sums)
     out = _summary(sums[0].item(), int(sums[1].item()))
     out["batches"] = n
+    out["nelbo_stderr"] = _ratio_stderr(*sums[[0, 1, 4, 5, 6, 7]].tolist())
     if ar:
         out["exact_nll"] = sums[2].item() / sums[3].item()
     return out
@@ -162,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                               time_samples=args.time_samples, seed=args.seed, exact_ar=not args.no_exact_ar,
                               max_batches=None if args.batches == "all" else int(args.batches))
     if int(os.environ.get("RANK", "0")) == 0:
-        line = (f"{args.split}: NELBO {out['nelbo']:.4f} nats/token, {out['bits_per_token']:.4f} bits/token, "
+        line = (f"{args.split}: NELBO {out['nelbo']:.4f} +- {out['nelbo_stderr']:.4f} (stderr) nats/token, "
+                f"{out['bits_per_token']:.4f} bits/token, "
                 f"PPL <= {out['ppl_bound']:.2f} ({out['batches']} batches, {args.time_samples} times each)")
         if "exact_nll" in out:
             line += f"; exact AR NLL {out['exact_nll']:.4f} nats/token"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from mdm_scale.config import load_config
@@ -39,18 +40,34 @@ def test_ar_checkpoint_nelbo_estimates_its_exact_nll(dims, ar_checkpoint):
     assert out["bits_per_token"] == pytest.approx(out["nelbo"] / math.log(2))
 
 
+def test_standard_error_is_the_spread_of_the_batch_means(dims, ar_checkpoint):
+    """Each batch's noise is seeded by its index, so the first k batches of a longer evaluation are the k-batch
+    evaluation: per-batch NELBOs come out by differencing, and (equal token counts here) the ratio's standard
+    error must be their sample std over sqrt(K)."""
+    kwargs = {"time_samples": 2, "exact_ar": False}
+    runs = [evaluate_checkpoint(ar_checkpoint, max_batches=k, **kwargs) for k in (1, 2, 3, 4)]
+    totals = [0.0] + [r["nelbo"] * r["tokens"] for r in runs]
+    draws = runs[0]["tokens"]
+    per_batch = np.diff(totals) / draws
+    assert math.isnan(runs[0]["nelbo_stderr"])  # one batch: no spread to measure
+    assert per_batch.std(ddof=1) > 0
+    assert runs[-1]["nelbo_stderr"] == pytest.approx(per_batch.std(ddof=1) / math.sqrt(4), rel=1e-6)
+
+
 def test_two_ranks_give_the_one_rank_result(dims, ar_checkpoint):
     kwargs = {"max_batches": 3, "time_samples": 4, "exact_ar": False}
     one = evaluate_checkpoint(ar_checkpoint, **kwargs)
     two = run_ranks(2, workers.evaluate_run, ar_checkpoint, kwargs)
     assert two[0] == two[1]
     assert two[0]["tokens"] == one["tokens"] and two[0]["nelbo"] == pytest.approx(one["nelbo"], rel=1e-9)
+    assert two[0]["nelbo_stderr"] == pytest.approx(one["nelbo_stderr"], rel=1e-6)
 
 
 def test_cli_prints_the_summary(dims, ar_checkpoint, capsys):
     assert main([ar_checkpoint, "--batches", "1", "--time-samples", "2"]) == 0
     line = capsys.readouterr().out
     assert line.startswith("heldout: NELBO ") and "bits/token" in line and "exact AR NLL" in line
+    assert "+- nan (stderr)" in line  # one batch
 
 
 def test_sampling_cli_generates_from_a_checkpoint_with_a_prompt(dims, ar_checkpoint, capsys):
