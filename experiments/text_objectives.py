@@ -48,11 +48,12 @@ def run_config(objective: str, seed: int, run_dir: Path, *, steps: int, eval_eve
     ])
 
 
-def read_metrics(path: Path) -> dict[str, list[list[float]]]:
+def read_curves(run_dir: Path) -> dict[str, list[list[float]]]:
     """{"nelbo_curve": [[step, eval/nelbo], ...], "loss_curve": [[step, train/loss], ...]} from metrics.jsonl."""
+    from mdm_scale.metrics import read_metrics
+
     curves: dict[str, list[list[float]]] = {"nelbo_curve": [], "loss_curve": []}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         if "eval/nelbo" in row:
             curves["nelbo_curve"].append([int(row["step"]), float(row["eval/nelbo"])])
         if "train/loss" in row:
@@ -83,7 +84,7 @@ def run_one(objective: str, seed: int, out: Path, args) -> dict:
               "train_tokens": tokens, "train_wall_s": train_wall, "eval_wall_s": eval_wall,
               "tokens_per_s": tokens / train_wall, "load_before": load_before, "load_after": load_after,
               "checkpoint": result.checkpoint, "metrics_jsonl": str(run_dir / "metrics.jsonl"),
-              **read_metrics(run_dir / "metrics.jsonl")}
+              **read_curves(run_dir)}
     if "exact_nll" in final:
         record["exact_nll"] = final["exact_nll"]
     print(f"[text_objectives] {objective} seed {seed}: held-out NELBO {final['nelbo']:.4f}"

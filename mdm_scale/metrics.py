@@ -12,6 +12,15 @@ from tqdm import tqdm
 
 from mdm_scale.config import LoggingConfig
 
+METRICS_FILE = "metrics.jsonl"
+"""Under the run directory: every logged step as one JSON object, appended across resumes (main rank only)."""
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows MetricsLogger wrote to <run_dir>/metrics.jsonl, in order; [] before the first step is logged."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
 
 class MetricsLogger:
     """Args:
@@ -41,7 +50,7 @@ class MetricsLogger:
             if enabled and cfg.progress else None
         )
         self._last_time, self._tokens = time.perf_counter(), 0
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self._jsonl = open(Path(run_dir) / METRICS_FILE, "a") if enabled else None
 
     def step(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
         """Record one optimizer step that consumed `tokens` tokens (across all ranks)."""

@@ -16,12 +16,12 @@ def to(load_experiment):
     return load_experiment("text_objectives")
 
 
-def test_read_metrics_separates_eval_and_training_curves(to, tmp_path):
+def test_read_curves_separates_eval_and_training_curves(to, tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval/nelbo": 10.5, "eval/tokens": 100}, {"step": 1, "train/loss": 10.9, "train/lr": 0.1},
             {"step": 10, "train/loss": 8.0}, {"step": 10, "eval/nelbo": 7.5}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert to.read_metrics(path) == {"nelbo_curve": [[0, 10.5], [10, 7.5]], "loss_curve": [[1, 10.9], [10, 8.0]]}
+    assert to.read_curves(tmp_path) == {"nelbo_curve": [[0, 10.5], [10, 7.5]], "loss_curve": [[1, 10.9], [10, 8.0]]}
 
 
 def test_configs_differ_only_in_the_objective(to, tmp_path):

@@ -4,7 +4,6 @@ requeues itself and ends with exactly the final loss of the uninterrupted job.""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mdm_scale.metrics import read_metrics
 from tests.launchers.slurm_cluster import LocalSlurm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,11 +133,6 @@ def _finished(job: dict) -> bool:
     return job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _logs(run_dir: Path, tail: int | None = 4000) -> str:
     """The job's stdout/stderr files (the last `tail` characters of each; None = whole, for searching)."""
     return "\n".join(f"--- {p}\n{p.read_text()[-tail if tail else 0:]}"
@@ -155,7 +150,7 @@ def uninterrupted(slurm, tmp_path_factory):
 
 def test_two_task_cpu_job_trains_through_slurm(uninterrupted):
     run_dir, job = uninterrupted
-    steps = [m for m in _metrics(run_dir) if "train/loss" in m]
+    steps = [m for m in read_metrics(run_dir) if "train/loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1)), _logs(run_dir)
     assert steps[-1]["train/loss"] < 0.8 * steps[0]["train/loss"]
     assert (run_dir / "config.yaml").exists() and job["NumTasks"] == "2"
@@ -168,7 +163,7 @@ def test_sigusr1_checkpoints_requeues_and_finishes_with_the_uninterrupted_loss(s
     run_dir = tmp_path / "preempted"
     job_id = _submit(slurm, run_dir, f"train.steps={STEPS}")
     # Signal as soon as training runs (a few hundred ms of steps on an idle machine: poll fast).
-    _wait(slurm, job_id, lambda job: _finished(job) or len(_metrics(run_dir)) >= 3, poll=0.1)
+    _wait(slurm, job_id, lambda job: _finished(job) or len(read_metrics(run_dir)) >= 3, poll=0.1)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=slurm.env)
     requeued = _wait(slurm, job_id, lambda job: _finished(job) or (job.get("Restarts") == "1"
                                                                    and job.get("JobState") == "PENDING"))
@@ -182,8 +177,8 @@ def test_sigusr1_checkpoints_requeues_and_finishes_with_the_uninterrupted_loss(s
     resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", log)
     assert stopped and resumed and stopped.group(1) == resumed.group(2), _logs(run_dir)
     assert 0 < int(resumed.group(2)) < STEPS
-    final = {m["step"]: m["train/loss"] for m in _metrics(run_dir) if "train/loss" in m}
-    reference = {m["step"]: m["train/loss"] for m in _metrics(uninterrupted[0]) if "train/loss" in m}
+    final = {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+    reference = {m["step"]: m["train/loss"] for m in read_metrics(uninterrupted[0]) if "train/loss" in m}
     assert final[STEPS] == reference[STEPS] and sorted(final) == list(range(1, STEPS + 1))
 
 

@@ -166,11 +166,12 @@ def test_sigusr1_stops_after_the_step_with_a_checkpoint_and_the_rerun_continues_
 def test_triton_kernels_train_exactly_like_the_torch_kernels(tmp_path):
     """kernels=triton (through the Triton interpreter on this CPU) and kernels=torch give the same training losses;
     kernels=triton without a GPU or the interpreter stops before training with a clear message."""
-    import json
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from mdm_scale.metrics import read_metrics
 
     root = Path(__file__).resolve().parents[2]
 
@@ -182,8 +183,7 @@ def test_triton_kernels_train_exactly_like_the_torch_kernels(tmp_path):
                               env={**os.environ, "TRITON_INTERPRET": "0", **env})
 
     def losses(kernels):
-        lines = (tmp_path / kernels / "metrics.jsonl").read_text().splitlines()
-        return [m["train/loss"] for m in map(json.loads, lines) if "train/loss" in m]
+        return [m["train/loss"] for m in read_metrics(tmp_path / kernels) if "train/loss" in m]
 
     refused = run("triton")
     assert refused.returncode != 0 and "kernels=triton needs a CUDA device" in refused.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
@@ -79,6 +76,7 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     from megatron.core import parallel_state
 
     from mdm_scale.config import load_config
+    from mdm_scale.metrics import read_metrics
     from mdm_scale.train import build_model, train
     from parallel.checkpoint import load_checkpoint
     from parallel.consolidate import model_layout, to_local
@@ -97,8 +95,7 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     model.load_state_dict(to_local(ckpt.model, layout))
     optimizer = ckpt.optimizer["optimizer"]
     base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
-    metrics = Path(cfg.run_dir) / "metrics.jsonl"  # rank 0's log
-    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    logged = read_metrics(cfg.run_dir)  # rank 0's log
     return {
         "losses": result.losses,
         "grad_norms": {m["step"]: m["train/grad_norm"] for m in logged if "train/grad_norm" in m},
