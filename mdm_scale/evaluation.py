@@ -6,8 +6,8 @@
 The command evaluates a checkpoint (any training layout; consolidated to one model per rank) on a split of its own
 data or of any preprocessed corpus, batches strided over ranks, noise seeded per batch so the result does not
 depend on the number of ranks. It prints NELBO (nats/token) with its standard error over batches (data and noise),
-bits/token and the perplexity bound; for the
-autoregressive objective also the exact NLL (one masked position per pass: the causal likelihood).
+bits/token and the perplexity bound; for the autoregressive objective also the exact NLL (one masked position per
+pass: the causal likelihood).
 """
 
 from __future__ import annotations
