@@ -26,6 +26,9 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
+        if not Path(out_dir).is_dir():
+            raise ShardError(f"{out_dir}: no such shard directory (a data root holds train/ and heldout/, as "
+                             f"written by python -m data_pipeline.preprocess)") from None
         raise ShardError(f"{path}: manifest missing (an incomplete or foreign shard directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: manifest is not valid JSON ({err})") from None

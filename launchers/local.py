@@ -14,9 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mdm_scale.config import ConfigError, load_config  # noqa: E402
+from mdm_scale.cli import expected_errors  # noqa: E402
+from mdm_scale.config import load_config  # noqa: E402
+from mdm_scale.jobs import run  # noqa: E402
 
 
+@expected_errors
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -28,14 +31,7 @@ def main(argv: list[str]) -> int:
             name = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    try:
-        cfg = load_config(name, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from mdm_scale.jobs import run
-
-    result = run(cfg)
+    result = run(load_config(name, overrides))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     evals = result["evals"]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 # submitit reads the preemption signal when it is imported: `#SBATCH --signal=USR1@<delay>`, handled as USR1.
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
-from mdm_scale.config import ConfigError, RunConfig, check_layout, load_config, to_yaml  # noqa: E402
+from mdm_scale.config import ConfigError, RunConfig, check_layout, load_config  # noqa: E402
 
 
 def parse_time(value: str) -> int:
@@ -180,10 +180,14 @@ def main(argv: list[str]) -> int:
         return 0
 
     from mdm_scale.jobs import TrainJob
+    from mdm_scale.run_directory import RunDirError, check_run_directory
 
-    for cfg in configs:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
+    try:  # refused before anything is queued: a run directory belongs to one run
+        for cfg in configs:
+            check_run_directory(cfg)
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if len(configs) == 1:
         jobs = [executor.submit(TrainJob(first))]
     else:

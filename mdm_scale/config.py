@@ -10,19 +10,64 @@ closest valid names. No config executes code.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.corpus import SOURCES as DATA_SOURCES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The valid values of every string-valued choice (one copy: the modules that dispatch on them import these).
+SCHEDULE_KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "fixed_order", "block",
+                  "mdm_ls", "lomdm")
+UNIVARIATE_KINDS = ("loglinear", "cosine", "polynomial")
+EXPONENT_FAMILIES = ("linear", "log")
+ESTIMATORS = ("time", "order")
+T_SAMPLERS = ("uniform", "antithetic", "p_pots")
+P_POTS_STATISTICS = ("sequence", "token")
+MASK_PAIRS = ("independent", "mirror")
+SCORE_BASELINES = ("rloo", "time_binned")
+POLICIES = ("ancestral", "random", "left_to_right", "confidence", "entropy", "eb")
+EB_PROXIES = ("entropy", "confidence")
+TOKENIZERS = ("gpt2", "byte")
+KERNELS = ("auto", "triton", "torch")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema, or a value outside its valid range."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(value: str, key: str, valid: tuple[str, ...]) -> None:
+    _require(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _finite(value: float, key: str, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False) -> None:
+    """value is a finite number in the interval [low, high] (open ends where asked)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+    hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
+    _require(ok, f"{key} must be a finite number{where}; got {value!r}")
+
+
+def _at_least(value: int, key: str, low: int) -> None:
+    _require(isinstance(value, int) and value >= low, f"{key} must be an integer >= {low}; got {value!r}")
 
 
 @dataclass
@@ -48,6 +93,18 @@ class ModelConfig:
     transformer_engine: str = "auto"
     """"auto" (use Transformer Engine layers when importable on GPU), "on" or "off"."""
 
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "scheduler_head_size"):
+            _at_least(getattr(self, key), f"model.{key}", 1)
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size {self.hidden_size} must be divisible by model.num_attention_heads "
+                 f"{self.num_attention_heads}")
+        if self.ffn_hidden_size is not None:
+            _at_least(self.ffn_hidden_size, "model.ffn_hidden_size", 1)
+        _finite(self.dropout, "model.dropout", 0, 1, high_open=True)
+        _finite(self.init_std, "model.init_std", 0, low_open=True)
+        _choice(self.transformer_engine, "model.transformer_engine", ("auto", "on", "off"))
+
 
 @dataclass
 class ScheduleConfig:
@@ -72,6 +129,20 @@ class ScheduleConfig:
     logit / R): ratios up to e^(2R), so sharp orders; needs objective.estimator=order)."""
     max_log_exponent: float = 12.0
     """mdm_ls / lomdm with the log family: R, the bound on |log w_i|."""
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "objective.schedule.kind", SCHEDULE_KINDS)
+        _choice(self.inner, "objective.schedule.inner", UNIVARIATE_KINDS)
+        _choice(self.exponent_family, "objective.schedule.exponent_family", EXPONENT_FAMILIES)
+        _finite(self.eps, "objective.schedule.eps", 0, 1, high_open=True)
+        _finite(self.exponent, "objective.schedule.exponent", 0, low_open=True)
+        _at_least(self.block_size, "objective.schedule.block_size", 1)
+        _finite(self.min_exponent, "objective.schedule.min_exponent", 0, low_open=True)
+        _finite(self.exponent_range, "objective.schedule.exponent_range", 0)
+        _finite(self.max_log_exponent, "objective.schedule.max_log_exponent", 0, low_open=True)
+        if self.kind == "fixed_order":
+            _require(sorted(self.order) == list(range(len(self.order))) and self.order,
+                     f"objective.schedule.order must be a permutation of 0..L-1; got {list(self.order)}")
 
 
 @dataclass
@@ -116,6 +187,25 @@ class ObjectiveConfig:
     """Baseline of that score-function term: rloo (mean loss of the batch's other sequences) | time_binned (the
     running mean loss in this sequence's time bin from earlier steps: removes the loss's dependence on t)."""
 
+    def __post_init__(self) -> None:
+        _choice(self.t_sampler, "objective.t_sampler", T_SAMPLERS)
+        _choice(self.mask_pairs, "objective.mask_pairs", MASK_PAIRS)
+        _choice(self.p_pots_statistic, "objective.p_pots_statistic", P_POTS_STATISTICS)
+        _choice(self.estimator, "objective.estimator", ESTIMATORS)
+        _choice(self.score_baseline, "objective.score_baseline", SCORE_BASELINES)
+        _finite(self.t_min, "objective.t_min", 0, 1, high_open=True)
+        _finite(self.time_power, "objective.time_power", 0, 1, low_open=True)
+        _at_least(self.p_pots_bins, "objective.p_pots_bins", 1)
+        _finite(self.p_pots_decay, "objective.p_pots_decay", 0, 1, high_open=True)
+        _finite(self.p_pots_uniform_mix, "objective.p_pots_uniform_mix", 0, 1, low_open=True)
+        _finite(self.p_pots_power, "objective.p_pots_power", 0, 1, low_open=True)
+        _finite(self.velocity_weight, "objective.velocity_weight", 0)
+        if self.estimator == "order":  # steps are drawn on (0, 1]: a floor or a warped proposal would bias them
+            _require(self.t_min == 0 and self.time_power == 1,
+                     f"objective.estimator=order draws the step fraction on (0, 1] and needs objective.t_min=0 and "
+                     f"objective.time_power=1 (got {self.t_min:g} and {self.time_power:g}: steps below t_min would "
+                     f"never be drawn, a biased NELBO)")
+
 
 @dataclass
 class OptimizerConfig:
@@ -137,6 +227,18 @@ class OptimizerConfig:
     """Peak learning rate of the learned schedule's parameters (MDM-LS position logits, LoMDM scheduler heads)
     as a multiple of lr: their own AdamW group, same warm-up and cosine. 1 = one learning rate for everything.
     The small experiments need 10-30 (docs/results.md: at 1 the UCI Adult exponents stay within 0.4-1.4)."""
+
+    def __post_init__(self) -> None:
+        _finite(self.lr, "optimizer.lr", 0, low_open=True)
+        _require(len(self.betas) == 2, f"optimizer.betas must be two numbers; got {self.betas!r}")
+        for beta in self.betas:
+            _finite(beta, "optimizer.betas", 0, 1, high_open=True)
+        _finite(self.weight_decay, "optimizer.weight_decay", 0)
+        _finite(self.eps, "optimizer.eps", 0, low_open=True)
+        _at_least(self.warmup_steps, "optimizer.warmup_steps", 0)
+        _finite(self.min_lr_ratio, "optimizer.min_lr_ratio", 0, 1)
+        _finite(self.grad_clip, "optimizer.grad_clip", 0)
+        _finite(self.schedule_lr_mult, "optimizer.schedule_lr_mult", 0, low_open=True)
 
 
 @dataclass
@@ -165,6 +267,15 @@ class DataConfig:
     cache_dir: str = "~/.cache/mdm_scale/data"
     """Where tokenized corpora are cached."""
 
+    def __post_init__(self) -> None:
+        _choice(self.source, "data.source", DATA_SOURCES)
+        _choice(self.tokenizer, "data.tokenizer", TOKENIZERS)
+        for key in ("seq_len", "micro_batch_size", "grad_accumulation"):
+            _at_least(getattr(self, key), f"data.{key}", 1)
+        _at_least(self.num_workers, "data.num_workers", 0)
+        _require(not (self.path and self.remote),
+                 f"data.path ({self.path}) and data.remote ({self.remote}) are both set; choose one")
+
 
 @dataclass
 class ParallelConfig:
@@ -174,6 +285,11 @@ class ParallelConfig:
     """Pipeline-parallel size (blocks split into stages)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage for the optimizer state (0 = plain optimizer)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self.tensor_parallel, "parallel.tensor_parallel", 1)
+        _at_least(self.pipeline_parallel, "parallel.pipeline_parallel", 1)
+        _require(self.zero_stage in (0, 1, 2), f"parallel.zero_stage must be one of 0, 1, 2; got {self.zero_stage!r}")
 
 
 @dataclass
@@ -189,15 +305,25 @@ class LoggingConfig:
     progress: bool = True
     """Show a tqdm progress bar (tokens/s, loss, ETA)."""
 
+    def __post_init__(self) -> None:
+        _choice(self.wandb_mode, "logging.wandb_mode", ("offline", "online", "disabled"))
+        _at_least(self.log_every, "logging.log_every", 1)
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 0
     """Steps between checkpoints (0: only at the end)."""
     keep: int = 2
-    """Newest complete checkpoints kept on disk."""
+    """Newest complete checkpoints kept on disk (0 = keep all). Rotation deletes only checkpoints older than the
+    one just written."""
     resume: bool = True
-    """Continue from the newest complete checkpoint in the run directory."""
+    """Continue from the newest complete checkpoint in the run directory. False refuses a run directory that
+    already holds checkpoints (a run directory belongs to one run)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self.every, "checkpoint.every", 0)
+        _at_least(self.keep, "checkpoint.keep", 0)
 
 
 @dataclass
@@ -224,6 +350,21 @@ class SamplingConfig:
     remask_rate: float = 0.0
     """ReMDM-style remasking: probability per step that an already generated token is masked again (0 = off)."""
 
+    def __post_init__(self) -> None:
+        _at_least(self.num_samples, "sampling.num_samples", 0)
+        _at_least(self.nfe, "sampling.nfe", 1)
+        _at_least(self.seq_len, "sampling.seq_len", 1)
+        _finite(self.temperature, "sampling.temperature", 0, low_open=True)
+        _finite(self.top_p, "sampling.top_p", 0, 1, low_open=True)
+        _require(len(self.beta) == 2, f"sampling.beta must be two numbers; got {self.beta!r}")
+        for b in self.beta:
+            _finite(b, "sampling.beta", 0, low_open=True)
+        _require(isinstance(self.eb_gamma, (int, float)) and self.eb_gamma >= 0,  # inf: one step reveals all
+                 f"sampling.eb_gamma must be a number >= 0 (inf allowed); got {self.eb_gamma!r}")
+        _choice(self.policy, "sampling.policy", POLICIES)
+        _choice(self.eb_proxy, "sampling.eb_proxy", EB_PROXIES)
+        _finite(self.remask_rate, "sampling.remask_rate", 0, 1, high_open=True)
+
 
 @dataclass
 class TrainConfig:
@@ -247,6 +388,20 @@ class TrainConfig:
     """A NaN/inf loss or gradient, found before the optimizer applies it: stop (raise FloatingPointError naming
     the step; nothing is updated or saved, the last checkpoint stays good) | skip (drop the step's gradients: no
     update, no LR-schedule step; data and noise move on as usual; logged and listed in TrainResult.skipped)."""
+    allow_config_change: bool = False
+    """Resume a run directory whose recorded config differs from this one in keys that are safe to change
+    (train.steps, optimizer.*, train.precision, train.nonfinite); the change is appended to
+    <run_dir>/config_history.jsonl and config.yaml keeps the original. Other differences are always refused."""
+
+    def __post_init__(self) -> None:
+        _at_least(self.steps, "train.steps", 1)
+        for key in ("stop_at", "eval_every"):
+            _at_least(getattr(self, key), f"train.{key}", 0)
+        for key in ("eval_batches", "eval_time_samples"):
+            _at_least(getattr(self, key), f"train.{key}", 1)
+        _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _choice(self.precision, "train.precision", ("auto", "bf16", "fp32"))
+        _choice(self.nonfinite, "train.nonfinite", ("stop", "skip"))
 
 
 @dataclass
@@ -266,6 +421,16 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _choice(self.kernels, "kernels", KERNELS)
+        _require(self.sampling.seq_len <= self.data.seq_len or self.sampling.num_samples == 0,
+                 f"sampling.seq_len {self.sampling.seq_len} exceeds data.seq_len {self.data.seq_len} (the "
+                 f"denoiser's positions); lower it or set sampling.num_samples=0")
+        if self.objective.schedule.kind == "fixed_order":
+            _require(len(self.objective.schedule.order) == self.data.seq_len,
+                     f"objective.schedule.order has {len(self.objective.schedule.order)} positions, data.seq_len is "
+                     f"{self.data.seq_len}")
 
 
 def _check_keys(node: Any, schema: type, where: str) -> None:
@@ -318,8 +483,7 @@ def load_config(name_or_path: str | os.PathLike = "tiny", overrides: list[str] |
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"no config '{name_or_path}' ({path}); available: {', '.join(names)}")
     cfg = OmegaConf.structured(RunConfig)
-    file_values = OmegaConf.to_container(OmegaConf.load(path))
-    cfg = _merge(cfg, file_values or {}, str(path))
+    cfg = _merge(cfg, _read_yaml_mapping(path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -329,22 +493,53 @@ def load_config(name_or_path: str | os.PathLike = "tiny", overrides: list[str] |
             if not preset.exists():
                 names = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
                 raise ConfigError(f"no preset '{raw}' for '{key}'; available: {', '.join(names)}")
-            section = OmegaConf.to_container(OmegaConf.load(preset))
             # A preset replaces its whole section: start from the section's defaults.
             cfg[key] = OmegaConf.structured(type(getattr(RunConfig(), key)))
-            cfg = _merge(cfg, {key: section}, str(preset))
+            cfg = _merge(cfg, {key: _read_yaml_mapping(preset)}, str(preset))
             continue
         value = _yaml_value(raw)
+        _refuse_resolvers(value, f"override '{item}'")
         cfg = _merge(cfg, _dotted_to_dict(key, value), f"override '{item}'")
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+# `${name:...}` calls a resolver (oc.env reads the environment, oc.decode parses, ...): a config file must not
+# pull the machine's environment into config.yaml and wandb. Plain `${key}` interpolations stay allowed.
+_RESOLVER_CALL = re.compile(r"\$\{[^}:]*:")
+
+
+def _refuse_resolvers(node: Any, source: str) -> None:
+    if isinstance(node, dict):
+        for value in node.values():
+            _refuse_resolvers(value, source)
+    elif isinstance(node, list):
+        for value in node:
+            _refuse_resolvers(value, source)
+    elif isinstance(node, str) and _RESOLVER_CALL.search(node):
+        raise ConfigError(f"{source}: resolver interpolations such as {node!r} are not allowed in configs (they read "
+                          f"the environment); write the value itself")
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    """A YAML file's top-level mapping (empty file = {}), with resolver calls refused; ConfigError otherwise."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got a {type(values).__name__}")
+    _refuse_resolvers(values, str(path))
+    return values
 
 
 def _yaml_value(raw: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(raw) if raw else raw
     except yaml.YAMLError:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from data_pipeline.datasets import split_document_ids
+from mdm_scale.cli import expected_errors
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.objective import document_masks, draw_noise, nelbo
@@ -164,6 +165,7 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     return out
 
 
+@expected_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os

@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline.tokenizer import Gpt2Tokenizer, gpt2_data_dir, load_tokenizer
+from mdm_scale.cli import expected_errors
 from mdm_scale.config import RunConfig, load_config
-from parallel.checkpoint import verify_checkpoint
+from parallel.checkpoint import MANIFEST, CheckpointError, list_checkpoints
 from parallel.consolidate import consolidate
 
 MODELING_FILE = Path(__file__).parent / "export_files" / "modeling_mdm.py"
@@ -61,9 +62,15 @@ def export_name(name: str) -> str | None:
 
 def run_config_of(checkpoint: Path) -> RunConfig:
     """The resolved config a run wrote next to its checkpoints (<run_dir>/config.yaml)."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / MANIFEST).exists():
+        newest = list_checkpoints(checkpoint / "checkpoints") or list_checkpoints(checkpoint)
+        hint = f"; its newest checkpoint is {newest[-1]}" if newest else ""
+        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no {MANIFEST}){hint}")
     path = checkpoint.parent.parent / "config.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the run's config.yaml is missing; pass config= explicitly")
+        raise FileNotFoundError(f"{path}: the run's config.yaml is missing (a checkpoint is read with the config "
+                                f"of the run that wrote it, in <run_dir>/config.yaml)")
     return load_config(path)
 
 
@@ -89,7 +96,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, cfg: RunConfig | None
     checkpoint, out = Path(checkpoint), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite)")
-    verify_checkpoint(checkpoint)
     cfg = cfg or run_config_of(checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     weights, schedule = {}, {}
@@ -153,6 +159,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, cfg: RunConfig | None
     return out
 
 
+@expected_errors
 def main(argv: list[str]) -> int:
     import argparse
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from data_pipeline.shard_format import PADDING_DOCUMENT_ID
-from mdm_scale.config import ObjectiveConfig
+from mdm_scale.config import ESTIMATORS, MASK_PAIRS, SCORE_BASELINES, ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.base import order_masking
@@ -44,6 +44,27 @@ class NelboTerms:
     """[b] sum over positions of the squared per-position terms (detached; P-POTS's `token` statistic)."""
 
 
+class BatchError(ValueError):
+    """A batch or noise the NELBO cannot be computed for (empty, token ids out of range, times outside (0, 1])."""
+
+
+def check_batch(x0: Tensor, t: Tensor, vocab_size: int) -> None:
+    """Raise BatchError unless x0 is a non-empty [b, l] batch of ids in [0, vocab_size) (the mask id vocab_size is
+    the forward process's, never data) and every t is in (0, 1]: either would give a plausible wrong NELBO."""
+    if x0.dim() != 2 or x0.numel() == 0:
+        raise BatchError(f"the NELBO needs a non-empty [batch, length] batch of token ids; got shape {tuple(x0.shape)}")
+    if t.shape != x0.shape[:1]:
+        raise BatchError(f"one time per sequence expected: t has shape {tuple(t.shape)}, the batch {tuple(x0.shape)}")
+    # One host sync for both checks.
+    bad_tokens, bad_times = torch.stack([((x0 < 0) | (x0 >= vocab_size)).any(),
+                                         ~((t > 0) & (t <= 1)).all()]).tolist()
+    if bad_tokens:
+        raise BatchError(f"token ids must be in [0, {vocab_size}) (the denoiser's vocabulary; {vocab_size} is the "
+                         f"mask id); got min {int(x0.min())}, max {int(x0.max())}")
+    if bad_times:
+        raise BatchError(f"times must be in (0, 1]; got min {float(t.min())}, max {float(t.max())}")
+
+
 def velocity_matching(velocity: Tensor, predicted: Tensor) -> Tensor:
     """A (log A - log A_hat) - (A - A_hat): >= 0 (log x <= x - 1), and exactly 0 where A_hat = A."""
     return velocity * (velocity.log() - predicted.log()) - (velocity - predicted)
@@ -57,8 +78,6 @@ def document_masks(document_ids: Tensor | None) -> tuple[Tensor | None, Tensor |
     return document_attention_mask(document_ids), document_ids != PADDING_DOCUMENT_ID
 
 
-MASK_PAIRS = ("independent", "mirror")
-SCORE_BASELINES = ("rloo", "time_binned")
 
 
 def draw_noise(batch_size: int, seq_len: int, sampler: TimeSampler, generator: torch.Generator,
@@ -128,9 +147,6 @@ class NoisedBatch:
     masked: Tensor
     """[b, l] bool: z_t^i = m."""
     z_t: Tensor
-
-
-ESTIMATORS = ("time", "order")
 
 
 def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t_weight: Tensor, uniforms: Tensor,
@@ -264,6 +280,7 @@ def nelbo(
         mirrored, baseline: the score-function baseline's inputs (see `nelbo_from_features`).
         estimator: time | order (then t is the step fraction; see `apply_noise`).
     """
+    check_batch(x0, t, denoiser.vocab_size)
     attention_mask, loss_mask = document_masks(document_ids)
     # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
     forward_logits = None

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
-from mdm_scale.objective import NelboTerms, apply_noise, document_masks, nelbo_from_features, training_noise
+from mdm_scale.objective import (NelboTerms, apply_noise, check_batch, document_masks, nelbo_from_features,
+                                 training_noise)
 from mdm_scale.schedules import Schedule
 from mdm_scale.time_sampling import TimeSampler
 
@@ -67,6 +68,8 @@ def pipeline_nelbo(
     sampler = sampler or TimeSampler.from_config(cfg)
     noise = [training_noise(b, l, cfg, sampler, generator, device, data_parallel_rank=data_parallel_rank,
                             data_parallel_size=data_parallel_size) for _ in micro_batches]
+    for n, x in zip(noise, micro_batches):
+        check_batch(x, n.t[: x.shape[0]], denoiser.vocab_size)
     # Every stage pairs the rows the same way (MIRROR doubles them).
     micro_batches = [n.rows(x) for n, x in zip(noise, micro_batches)]
     document_ids = [n.rows(ids) for n, ids in zip(noise, document_ids or [None] * len(micro_batches))]

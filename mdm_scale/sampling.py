@@ -30,11 +30,11 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
+from mdm_scale.cli import expected_errors
+from mdm_scale.config import EB_PROXIES, POLICIES
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.schedules import Schedule
 
-POLICIES = ("ancestral", "random", "left_to_right", "confidence", "entropy", "eb")
-EB_PROXIES = ("entropy", "confidence")
 TUNED_FILE = "tuned_schedule.json"
 
 
@@ -337,6 +337,7 @@ def read_tuned(checkpoint: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+@expected_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import time

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-T_SAMPLERS = ("uniform", "antithetic", "p_pots")
-P_POTS_STATISTICS = ("sequence", "token")
+from mdm_scale.config import P_POTS_STATISTICS, T_SAMPLERS
+
 
 
 def _stratified(n: int, generator: torch.Generator, antithetic: bool) -> Tensor:

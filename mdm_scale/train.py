@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import signal
@@ -18,7 +19,7 @@ from torch import nn
 
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
-from mdm_scale.config import ConfigError, RunConfig, check_layout, to_yaml
+from mdm_scale.config import RunConfig, check_layout
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
 from mdm_scale.kernels import resolve_backend
@@ -26,10 +27,11 @@ from mdm_scale.metrics import MetricsLogger
 from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.preemption import StopRequest
+from mdm_scale.run_directory import claim_run_directory
 from mdm_scale.sampling import generate, sampler_options
 from mdm_scale.schedules import build_schedule, is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
-from parallel.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
+from parallel.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
@@ -145,25 +147,23 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     (`TrainResult.stopped`); running the same config again resumes there.
     """
     check_layout(cfg, world_size_from_env())
-    if cfg.train.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite must be 'stop' or 'skip', got {cfg.train.nonfinite!r}")
     dims = init_distributed(tensor_parallel=cfg.parallel.tensor_parallel,
                             pipeline_parallel=cfg.parallel.pipeline_parallel, device=cfg.train.device,
                             seed=cfg.train.seed)
+    with claim_run_directory(cfg, is_main=dims.is_main):  # locked; its config.yaml is this run's
+        return _train(cfg, dims, stop)
+
+
+def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> TrainResult:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.data_parallel
     shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-"
              f"pp{parallel_state.get_pipeline_model_parallel_rank()}-dp{dp_rank}")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if dims.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # Data: checksummed shards (the user's, or the embedded corpus packed on first use), one slice per DP rank.
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cache_dir = Path(cfg.data.cache_dir).expanduser()
     remote = cfg.data.remote or None
-    if remote and cfg.data.path:
-        raise ConfigError(f"data.path ({cfg.data.path}) and data.remote ({remote}) both set; choose one")
     if remote:
         data_root = remote_cache_root(remote, cache_dir)
     elif cfg.data.path:
@@ -189,7 +189,10 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
     ckpt_dir = run_dir / "checkpoints"
     layout = model_layout(model)  # checkpoints use layout-independent (global) tensor names
     if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals())):
-        model.load_state_dict(to_local(ckpt.model, layout))
+        try:
+            model.load_state_dict(to_local(ckpt.model, layout))
+        except RuntimeError as e:  # the run-directory check makes this rare: a config.yaml edited by hand
+            raise CheckpointError(f"{ckpt.path} does not fit this model ({str(e).splitlines()[0]} ...)") from None
         engine.load_optimizer_state(ckpt.optimizer)
         _restore_trainer_state(ckpt.trainer, generator, batches, sampler)
         step = ckpt.step
@@ -198,6 +201,10 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
                 else nullcontext())
     logger = MetricsLogger(cfg.logging, run_dir=str(run_dir), run_name=cfg.name, config=asdict(cfg),
                            total_steps=cfg.train.steps, start_step=step, enabled=dims.is_main)
+    missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
+               if importlib.util.find_spec(module) is None]
+    if missing:  # megatron-core's own import-time warnings are silenced (mdm_scale/__init__.py)
+        logger.write(f"megatron-core: {' and '.join(missing)} not installed; using its torch fallbacks")
     if step:
         logger.write(f"resumed from {ckpt.path} at step {step}")
     result = TrainResult(step=step)

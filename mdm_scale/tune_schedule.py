@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mdm_scale.cli import expected_errors
 from mdm_scale.sampling import POLICIES, TUNED_FILE, ArScorer, generate, generation_nll, token_entropy
 
 COARSE_GRID = (0.5, 1.0, 2.0, 4.0)
@@ -73,6 +74,7 @@ def tune_beta(denoiser, schedule, scorer: ArScorer, *, nfe: int, grid: Sequence[
     return {"best": min(rows, key=lambda r: r["nll"]), "rows": rows}
 
 
+@expected_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from parallel.distributed import agree_on_error as _agree_errors
 from parallel.files import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
@@ -71,15 +72,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _agree_errors(error: str | None) -> str | None:
-    """Collective: the first error message of any rank (None when every rank succeeded); doubles as a barrier."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
-
-
 def _remove(path: Path) -> None:
     """Take a directory out of view atomically (rename to a `.tmp-` name), then delete it."""
     if not path.exists():
@@ -112,7 +104,8 @@ def save_checkpoint(
         optimizer: optimizer / LR-scheduler state (tensors, numbers, lists, dicts).
         trainer: RNG states, step, data position (tensors, numbers, strings).
         shard: this rank's unique name in the layout (file-name safe).
-        keep: complete checkpoints kept (older ones are deleted by rank 0).
+        keep: complete checkpoints kept: this one and the keep - 1 newest older ones; checkpoints of higher steps
+            are never deleted here (rank 0 deletes; 0 keeps everything).
         metadata: strings stored in the safetensors header (e.g. TP partition dims, see consolidate.py).
     """
     root = Path(root)
@@ -163,7 +156,8 @@ def save_checkpoint(
     if error := _agree_errors(error):
         _failed(step, tmp, error)
     if _rank() == 0:
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        older = [p for p in list_checkpoints(root) if _step_of(p) < step]
+        for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
             try:
                 _remove(old)
             except OSError as e:
@@ -181,13 +175,24 @@ def _failed(step: int, tmp: Path, error: str):
                                f"earlier checkpoints are intact")
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Checkpoint directories with a manifest, oldest first (temporary directories are ignored)."""
     root = Path(root)
     if not root.exists():
         return []
     dirs = [p for p in root.glob("step_*") if (p / MANIFEST).exists()]
-    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(dirs, key=_step_of)
+
+
+def damaged_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """`step_*` directories without a manifest. Publishing is an atomic rename of a directory whose manifest was
+    written last, so these are damage (a manifest deleted or lost by the filesystem), never a save in progress."""
+    root = Path(root)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not (p / MANIFEST).exists()) if root.exists() else []
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
@@ -227,17 +232,32 @@ def load_checkpoint(path: str | os.PathLike, shard: str = "rank0", *, verify: bo
 
 def latest_checkpoint(root: str | os.PathLike, shard: str = "rank0", *, safe_globals: list | None = None
                       ) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped. Collective: rank 0
-    verifies and every rank loads the checkpoint rank 0 chose."""
-    chosen = [None]
+    """The newest checkpoint that verifies; corrupt newer ones and directories without a manifest are reported
+    (a warning each) and skipped. None when `root` holds no checkpoint at all.
+
+    Raises:
+        CheckpointError: when checkpoints exist but none verifies: starting over would silently drop the run's
+            work, so the caller must decide (move them away, or restore them).
+
+    Collective: rank 0 verifies and every rank loads the checkpoint rank 0 chose."""
+    chosen, error = [None], None
     if _rank() == 0:
+        rejected = [f"{p}: no manifest (incomplete or damaged)" for p in damaged_checkpoints(root)]
+        for reason in rejected:
+            warnings.warn(f"skipping checkpoint {reason}", stacklevel=2)
         for path in reversed(list_checkpoints(root)):
             try:
                 verify_checkpoint(path)
                 chosen = [str(path)]
                 break
             except CheckpointError as e:
+                rejected.append(str(e))
                 warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
+        if chosen[0] is None and rejected:
+            error = (f"no usable checkpoint in {root}: {'; '.join(rejected)}. Refusing to start over from step 0 "
+                     f"over them: move the directory away to start a new run, or restore the files")
+    if error := _agree_errors(error):
+        raise CheckpointError(error)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from parallel.checkpoint import CheckpointError, verify_checkpoint
+
 LAYOUT_KEY = "tp_partition_dims"
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -64,8 +66,12 @@ def partition_dims(layout: dict[str, TensorPlace]) -> dict[str, str]:
 
 def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Full (TP = PP = 1) weights from the model shards of a checkpoint (data-parallel rank 0 of each TP x PP
-    place): TP-split tensors are concatenated along their partition dimension, stages are merged by name."""
+    place): TP-split tensors are concatenated along their partition dimension, stages are merged by name.
+
+    Every file is checked against the manifest first (CheckpointError naming the bad file): evaluation, sampling
+    and export all read weights through here, so none of them computes with corrupt weights."""
     checkpoint = Path(checkpoint)
+    verify_checkpoint(checkpoint)
     shards: dict[int, dict[int, Path]] = {}  # pp -> tp -> file
     for path in checkpoint.glob("model-*.safetensors"):
         match = re.fullmatch(r"model-tp(\d+)-pp(\d+)-dp(\d+)\.safetensors", path.name)
@@ -92,7 +98,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m parallel.consolidate CHECKPOINT_DIR OUTPUT_FILE.safetensors", file=sys.stderr)
         return 2
-    full = consolidate(argv[0])
+    try:
+        full = consolidate(argv[0])
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     Path(argv[1]).parent.mkdir(parents=True, exist_ok=True)
     save_file(full, argv[1])
     print(f"{len(full)} tensors -> {argv[1]}")

@@ -61,8 +61,28 @@ class Engine:
         return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Restore the optimizer's moments and the schedule's position from a checkpoint, keeping the
+        hyper-parameters this engine was built with (lr, betas, eps, weight decay, the LambdaLR multiplier): a
+        resumed run follows its current config, not the values saved with the state (torch's load_state_dict
+        would silently bring those back)."""
+        groups = [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in self.optimizer.param_groups]
+        base_lrs = list(self.lr_schedule.base_lrs)
+        self._load_state(state)
+        for group, configured in zip(self.optimizer.param_groups, groups):
+            group.update(configured)
+        schedule = self.lr_schedule
+        schedule.base_lrs = base_lrs
+        lrs = [base * factor(schedule.last_epoch) for base, factor in zip(base_lrs, schedule.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+
+_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "initial_lr")
 
 
 class LocalEngine(Engine):
@@ -172,14 +192,14 @@ class DeepSpeedEngine(Engine):
                 opt.__dict__.pop(k, None)
             opt.__dict__.update(saved)
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+    def _load_state(self, state: dict[str, Any]) -> None:
         if hasattr(self.optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: this rank's partition
             states = [None] * parallel_state.get_data_parallel_world_size()
             states[parallel_state.get_data_parallel_rank()] = state["optimizer"]
             self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
             self.lr_schedule.load_state_dict(state["lr_schedule"])
         else:
-            super().load_optimizer_state(state)
+            super()._load_state(state)
 
 
 def safe_checkpoint_globals() -> list[Callable]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from mdm_scale.config import SCHEDULE_KINDS
 from mdm_scale.schedules.base import Masking, Schedule
 from mdm_scale.schedules.block import BlockSchedule
 from mdm_scale.schedules.learned import LearnedPositionSchedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.schedules.univariate import UnivariateSchedule
 
-KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "fixed_order", "block", "mdm_ls",
-         "lomdm")
+KINDS = SCHEDULE_KINDS
 
 
 def build_schedule(cfg, max_seq_len: int) -> Schedule:

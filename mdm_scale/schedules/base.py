@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mdm_scale.config import EXPONENT_FAMILIES
+
 
 @dataclass
 class Masking:
@@ -99,7 +101,6 @@ def polynomial_reveal_probability(t: Tensor, s: Tensor, exponents: Tensor) -> Te
     return -torch.expm1(w * log_ratio)
 
 
-EXPONENT_FAMILIES = ("linear", "log")
 
 
 def normalized_exponents(logits: Tensor, min_exponent: float, exponent_range: float, family: str = "linear",

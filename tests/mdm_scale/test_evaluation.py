@@ -78,3 +78,47 @@ def test_sampling_cli_generates_from_a_checkpoint_with_a_prompt(dims, ar_checkpo
     samples = [block.split("\n", 1)[1] for block in out.split("--- sample ")[1:]]
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
     assert "NFE 16, " in out and " forward passes, " in out and "tokens/s" in out
+
+
+def _damaged_copy(checkpoint, tmp_path, damage):
+    """A copy of the checkpoint's run (config.yaml + the checkpoint) with one file damaged."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(checkpoint)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(src.parent.parent / "config.yaml", run / "config.yaml")
+    copy = Path(shutil.copytree(src, run / "checkpoints" / src.name))
+    weights = copy / "model-tp0-pp0-dp0.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    weights.write_bytes(bytes(data))
+    return str(copy)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_evaluation_and_sampling_refuse_a_corrupt_checkpoint(dims, ar_checkpoint, tmp_path, capsys, damage):
+    """One flipped bit in the weights once gave a different NELBO (a truncation: NELBO nan), exit code 0."""
+    from parallel.checkpoint import CheckpointError
+    from mdm_scale.sampling import main as sample
+
+    bad = _damaged_copy(ar_checkpoint, tmp_path, damage)
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        evaluate_checkpoint(bad, max_batches=1, time_samples=1)
+    assert main([bad, "--batches", "1"]) == 2
+    assert sample([bad, "--num-samples", "1", "--nfe", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") and "sha256 mismatch" in line for line in err), err
+
+
+def test_evaluating_a_run_directory_names_its_newest_checkpoint(dims, ar_checkpoint, capsys):
+    from pathlib import Path
+
+    run_dir = Path(ar_checkpoint).parent.parent
+    assert main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint directory" in err and f"newest checkpoint is {ar_checkpoint}" in err

@@ -445,3 +445,30 @@ def test_order_estimator_rejects_schedules_without_exponents(dims):
         nelbo(denoiser, UnivariateSchedule("polynomial"), x0, v, torch.ones(2), u, estimator="reveal")
     with pytest.raises(ValueError, match="exponent_family"):
         LearnedPositionSchedule(L, family="exp")
+
+
+@pytest.mark.parametrize("case, match", [
+    ("token_at_vocab", r"token ids must be in \[0, 3\)"),
+    ("mask_token", r"token ids must be in \[0, 3\)"),
+    ("negative_token", r"token ids must be in \[0, 3\)"),
+    ("t_above_one", r"times must be in \(0, 1\]"),
+    ("t_zero", r"times must be in \(0, 1\]"),
+    ("t_nan", r"times must be in \(0, 1\]"),
+    ("empty", "non-empty"),
+])
+def test_nelbo_refuses_inputs_that_would_give_a_wrong_number(dims, case, match):
+    from mdm_scale.objective import BatchError
+
+    denoiser, schedule = make_denoiser(), UnivariateSchedule("loglinear")
+    x0, t = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]]), torch.tensor([0.5, 0.9], dtype=torch.float64)
+    if case in ("token_at_vocab", "mask_token"):
+        x0[1, 2] = V  # V is both "one past the vocabulary" and the mask id
+    if case == "negative_token":
+        x0[0, 0] = -1
+    if case.startswith("t_"):
+        t[1] = {"t_above_one": 1.5, "t_zero": 0.0, "t_nan": float("nan")}[case]
+    if case == "empty":
+        x0, t = x0[:0], t[:0]
+    u = torch.rand(x0.shape, dtype=torch.float64)
+    with pytest.raises(BatchError, match=match):
+        nelbo(denoiser, schedule, x0, t, torch.ones_like(t), u)

@@ -334,7 +334,7 @@ def tp_sample_worker(rank: int, tensor_parallel: int) -> dict:
 
     dims = init_distributed(tensor_parallel=tensor_parallel, device="cpu", seed=0)
     cfg = load_config("tiny", ["objective=lomdm", "data.seq_len=16", "model.num_layers=1", "model.hidden_size=32",
-                               "model.num_attention_heads=2", "logging.wandb=false"])
+                               "model.num_attention_heads=2", "logging.wandb=false", "sampling.num_samples=0"])
     torch.manual_seed(0)
     model = build_model(cfg, 97, dims)
     out = {}

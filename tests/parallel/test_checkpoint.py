@@ -55,3 +55,37 @@ def test_pickled_code_is_refused(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_checkpoint(path)
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A directory already holding a higher step (an earlier, longer run): saving step 5 with keep=1 must keep
+    step 5 (on the old rule, keep the highest steps, it deleted the checkpoint it had just written)."""
+    _save(tmp_path, 10, keep=1)
+    _save(tmp_path, 3, keep=1)
+    written = _save(tmp_path, 5, keep=1)
+    assert written.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000010"]  # 3 was older
+
+
+def test_every_checkpoint_corrupt_refuses_to_start_over(tmp_path):
+    for step in (1, 2):
+        path = _save(tmp_path, step)
+        (path / "trainer-rank0.pt").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        with pytest.raises(CheckpointError, match="no usable checkpoint.*Refusing to start over"):
+            latest_checkpoint(tmp_path)
+
+
+def test_checkpoint_without_manifest_is_reported(tmp_path):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="step_00000002: no manifest"):
+        assert latest_checkpoint(tmp_path).step == 1
+    (tmp_path / "step_00000001" / "manifest.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
+        latest_checkpoint(tmp_path)
+
+
+def test_empty_directory_has_no_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / "missing") is None
