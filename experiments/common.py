@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,13 @@ def train_run(cfg) -> dict:
     """Train `cfg` in-process with `mdm_scale.train.train` (the launcher's loop) and collect its numbers.
 
     Returns {"final_nelbo": held-out NELBO at the last evaluation, "curve": [(step, nelbo), ...],
-    "evals": {"step": nelbo}, "losses": {"step": training loss}, "wall_s", "checkpoint", "load_after"}."""
+    "evals": {"step": nelbo}, "losses": {"step": training loss}, "wall_s", "checkpoint", "load_after"}.
+    The experiments' configs are fresh runs (checkpoint.resume=false): the run directory of an earlier run of the
+    experiment is removed first, since a run directory belongs to one run."""
     from mdm_scale.train import train
 
+    if not cfg.checkpoint.resume:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     start = time.time()
     result = train(cfg)
     wall = time.time() - start
