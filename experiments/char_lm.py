@@ -70,6 +70,51 @@ def prepare(out: Path) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------------------------------------------- queue
+def run_command(objective: str, seed: int, root: Path) -> list[str]:
+    """The launcher command of one run (what docs/results.md records); rerunning it resumes the run."""
+    return [sys.executable, str(Path(__file__).resolve().parent.parent / "launchers/local.py"), "config=char_lm",
+            f"objective={objective}", f"train.seed={seed}", f"run_dir={root / f'{objective}-s{seed}'}"]
+
+
+def is_complete(run_dir: Path) -> bool:
+    from mdm_scale.config import load_config
+    from parallel.checkpoint import list_checkpoints
+
+    done = list_checkpoints(run_dir / "checkpoints")
+    return bool(done) and int(done[-1].name.split("_")[1]) >= load_config(run_dir / "config.yaml").train.steps
+
+
+def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
+    """Run `objective:seed` items one after another (one thread each), skipping finished runs and waiting while
+    another process holds a run; each run's output is appended to <root>/<objective>-s<seed>.log. Returns the
+    number of runs that failed."""
+    import os
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failed = 0
+    root.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        objective, seed = spec.split(":")
+        run_dir = root / f"{objective}-s{seed}"
+        while not ((run_dir / "config.yaml").exists() and is_complete(run_dir)):
+            with open(root / f"{objective}-s{seed}.log", "a") as log:
+                proc = subprocess.run(run_command(objective, int(seed), root), stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, cwd=Path(__file__).resolve().parent.parent)
+            if proc.returncode == 0:
+                continue
+            if "in use by another run" in (root / f"{objective}-s{seed}.log").read_text()[-2000:]:
+                time.sleep(poll_s)  # another process trains it: wait for it to end
+                continue
+            print(f"{spec}: failed with exit code {proc.returncode} (see its log)", flush=True)
+            failed += 1
+            break
+        print(f"{spec}: {'complete' if is_complete(run_dir) else 'not complete'}", flush=True)
+    return failed
+
+
 # ------------------------------------------------------------------------------------------------------ report
 COLORS = {"mdlm": "tab:gray", "ar": "tab:orange", "mdm_ls": "tab:blue", "lomdm_paper": "tab:purple",
           "lomdm": "tab:red"}
@@ -263,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="write the byte shards")
     prep.add_argument("--out", default="data/char_lm")
+    que = sub.add_parser("queue", help="train objective:seed items one after another (resumable)")
+    que.add_argument("specs", nargs="+", metavar="OBJECTIVE:SEED")
+    que.add_argument("--root", default="runs/char_lm")
     rep = sub.add_parser("report", help="evaluate every run under a root and write report.json and plots")
     rep.add_argument("root", help="a folder of run directories named <objective>-s<seed>")
     rep.add_argument("--out", default="docs/results/char_lm")
@@ -277,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=1))
         print(f"held-out unigram cross-entropy: {summary['heldout_unigram_bits_per_byte']:.4f} bits/byte "
               f"(= {summary['heldout_unigram_bits_per_byte'] * math.log(2):.4f} nats)")
+    elif args.command == "queue":
+        return 1 if queue(args.specs, Path(args.root)) else 0
     else:
         import torch
 
