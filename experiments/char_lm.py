@@ -93,6 +93,8 @@ def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
     import subprocess
     import time
 
+    from parallel.run_lock import lock_holder
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     failed = 0
     root.mkdir(parents=True, exist_ok=True)
@@ -100,13 +102,13 @@ def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
         objective, seed = spec.split(":")
         run_dir = root / f"{objective}-s{seed}"
         while not ((run_dir / "config.yaml").exists() and is_complete(run_dir)):
+            if lock_holder(run_dir) is not None:  # another process trains it: wait for it to end
+                time.sleep(poll_s)
+                continue
             with open(root / f"{objective}-s{seed}.log", "a") as log:
                 proc = subprocess.run(run_command(objective, int(seed), root), stdout=log, stderr=subprocess.STDOUT,
                                       env=env, cwd=Path(__file__).resolve().parent.parent)
-            if proc.returncode == 0:
-                continue
-            if "in use by another run" in (root / f"{objective}-s{seed}.log").read_text()[-2000:]:
-                time.sleep(poll_s)  # another process trains it: wait for it to end
+            if proc.returncode == 0 or lock_holder(run_dir) is not None:  # done, or taken meanwhile
                 continue
             print(f"{spec}: failed with exit code {proc.returncode} (see its log)", flush=True)
             failed += 1

@@ -74,6 +74,8 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
         heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
         denoiser = Denoiser(
             cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
+            scheduler_layers=cfg.objective.schedule.scheduler_layers,
+            scheduler_position_bias=cfg.objective.schedule.scheduler_position_bias,
             tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
             on_gpu=dims.device.type == "cuda", kernels=cfg.kernels,
         )
@@ -224,7 +226,8 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
             path = save_checkpoint(ckpt_dir, step, model=to_global(model.state_dict(), layout),
                                    optimizer=engine.optimizer_state(),
                                    trainer=_trainer_state(step, generator, batches, sampler), shard=shard,
-                                   keep=cfg.checkpoint.keep, metadata=partition_dims(layout))
+                                   keep=cfg.checkpoint.keep, metadata=partition_dims(layout),
+                                   optimizer_replicated=cfg.parallel.zero_stage == 0)
         except CheckpointWriteError as e:
             if final:
                 raise

@@ -1,14 +1,20 @@
-"""Atomic, checksummed, sharded checkpoints: safetensors weights + optimizer state + trainer state per rank.
+"""Atomic, checksummed, sharded checkpoints: safetensors weights + optimizer state + trainer state.
 
-    <dir>/step_00000100/model-<shard>.safetensors   this rank's weights (TP/PP shard; no pickle)
-                        optimizer-<shard>.pt        optimizer (ZeRO partition) + LR state, weights_only=True
-                        trainer-<shard>.pt          RNG states, step, data-loader position, weights_only=True
-                        manifest.json               step, shard names and sha256 of every file; written last
+    <dir>/step_00000100/model-<place>.safetensors   the weights of one TP x PP place (no pickle), written once:
+                                                    by data-parallel rank 0 of that place
+                        optimizer-<place>.pt        optimizer + LR state when it is replicated over data
+                        optimizer-<shard>.pt        ... or one ZeRO partition per data-parallel rank
+                        trainer-<shard>.pt          RNG states, step, data-loader position (every rank)
+                        manifest.json               step, file names and sha256 of every file; written last
 
-<shard> names the rank's place in the layout (e.g. tp1-pp0-dp0); a single process has one shard. All ranks write
-into one temporary directory; after a barrier rank 0 checksums everything, writes the manifest and renames the
-directory into place, so a reader sees a whole checkpoint or none. `latest_checkpoint` verifies the checksums
-and falls back to the previous checkpoint with a clear message when the newest is truncated or corrupt.
+<shard> names the rank's place in the layout (e.g. tp1-pp0-dp3), <place> the same without the data-parallel
+index (tp1-pp0); a single process is shard and place "rank0". So a checkpoint holds one copy of the weights per
+model-parallel place whatever the data-parallel size (Megatron's and torchtitan's rule too). All ranks write into
+one temporary directory and hash their own files in parallel; rank 0 gathers the digests, writes the manifest
+and renames the directory into place, so a reader sees a whole checkpoint or none. `latest_checkpoint` verifies
+the checksums (the files split over the ranks) and falls back to the previous checkpoint with a clear message
+when the newest is truncated or corrupt. Checkpoints written before the once-per-place rule
+(model-tpX-ppY-dpZ files) still load.
 
 A process killed at any point (SIGKILL, node loss) leaves at most a `.tmp-*` directory, which readers ignore and
 the next save removes. A save that fails (disk full, quota, I/O error on any rank) removes its temporary
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -59,6 +66,20 @@ class Checkpoint:
 
 
 
+def model_place(shard: str) -> str:
+    """The model-parallel place of a shard name: tp1-pp0-dp3 -> tp1-pp0 (other names are their own place)."""
+    return re.sub(r"-dp\d+$", "", shard)
+
+
+def data_parallel_index(shard: str) -> int:
+    match = re.search(r"-dp(\d+)$", shard)
+    return int(match.group(1)) if match else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
@@ -92,6 +113,7 @@ def save_checkpoint(
     shard: str = "rank0",
     keep: int = 2,
     metadata: dict[str, str] | None = None,
+    optimizer_replicated: bool = True,
 ) -> Path:
     """Write this rank's part of a checkpoint; collective when several ranks exist. Returns its directory.
 
@@ -103,7 +125,9 @@ def save_checkpoint(
         model: flat state dict of tensors (shared storage is cloned: safetensors refuses aliases).
         optimizer: optimizer / LR-scheduler state (tensors, numbers, lists, dicts).
         trainer: RNG states, step, data position (tensors, numbers, strings).
-        shard: this rank's unique name in the layout (file-name safe).
+        shard: this rank's unique name in the layout (file-name safe); "-dp<N>" at its end is the data-parallel
+            index: only N = 0 writes the weights (and a replicated optimizer state).
+        optimizer_replicated: every data-parallel rank holds the same optimizer state (no ZeRO partitioning).
         keep: complete checkpoints kept: this one and the keep - 1 newest older ones; checkpoints of higher steps
             are never deleted here (rank 0 deletes; 0 keeps everything).
         metadata: strings stored in the safetensors header (e.g. TP partition dims, see consolidate.py).
@@ -122,23 +146,35 @@ def save_checkpoint(
             error = f"cannot create {tmp}: {e}"
     if error := _agree_errors(error):
         _failed(step, tmp, error)
-    files = [f"model-{shard}.safetensors", f"optimizer-{shard}.pt", f"trainer-{shard}.pt"]
+    first_replica = data_parallel_index(shard) == 0
+    place = model_place(shard)
+    writes = {}  # largest first: a full disk then fails in safetensors' write, which reports ENOSPC as such
+    if first_replica:
+        writes[f"model-{place}.safetensors"] = lambda path: save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, path, metadata=metadata)
+    if first_replica or not optimizer_replicated:
+        writes[f"optimizer-{place if optimizer_replicated else shard}.pt"] = lambda path: torch.save(optimizer, path)
+    writes[f"trainer-{shard}.pt"] = lambda path: torch.save(trainer, path)
+    digests: dict[str, str] = {}
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.items()}, tmp / files[0],
-                  metadata=metadata)
-        torch.save(optimizer, tmp / files[1])
-        torch.save(trainer, tmp / files[2])
-        for name in files:
+        for name, write in writes.items():
+            write(tmp / name)
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
+            digests[name] = sha256_file(tmp / name)  # each rank hashes what it wrote: in parallel
     except Exception as e:  # noqa: BLE001 - disk full surfaces as OSError, RuntimeError or SafetensorError
         error = f"writing shard '{shard}' failed: {type(e).__name__}: {e}"
     if error := _agree_errors(error):
         _failed(step, tmp, error)
+    gathered = [digests]
+    if _world() > 1:
+        gathered = [None] * _world()
+        dist.all_gather_object(gathered, digests)
     if _rank() == 0:
         try:
             names = sorted(p.name for p in tmp.iterdir())
-            manifest = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in names}}
+            hashes = {k: v for d in gathered for k, v in d.items()}
+            manifest = {"step": step, "sha256": {name: hashes.get(name) or sha256_file(tmp / name) for name in names}}
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
@@ -195,14 +231,18 @@ def damaged_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and not (p / MANIFEST).exists()) if root.exists() else []
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check every file of a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
+def verify_checkpoint(path: str | os.PathLike, part: tuple[int, int] = (0, 1)) -> dict:
+    """Check the files of a checkpoint against its manifest; returns the manifest or raises CheckpointError.
+
+    Args:
+        part: (k, n): check only every n-th file from the k-th (sorted by name), so n ranks share the hashing.
+    """
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
-    for name, digest in manifest["sha256"].items():
+    for name, digest in sorted(manifest["sha256"].items())[part[0]::part[1]]:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing")
@@ -220,14 +260,27 @@ def load_checkpoint(path: str | os.PathLike, shard: str = "rank0", *, verify: bo
     """
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else json.loads((path / MANIFEST).read_text())
-    if f"model-{shard}.safetensors" not in manifest["sha256"]:
-        raise CheckpointError(f"{path}: no shard '{shard}' (saved with another parallel layout?); "
-                              f"files: {', '.join(sorted(manifest['sha256']))}")
+    files = manifest["sha256"]
+
+    place = model_place(shard)
+
+    def find(kind: str, *names: str) -> Path:
+        for name in names:
+            if name in files:
+                return path / name
+        raise CheckpointError(f"{path}: no {kind} file for shard '{shard}' (saved with another parallel layout?); "
+                              f"files: {', '.join(sorted(files))}")
+
+    # The weights: the place's one copy (or, in checkpoints from before that rule, data-parallel rank 0's); the
+    # optimizer: this rank's ZeRO partition or the place's replicated copy; the trainer state: this rank's own.
+    weights = find("model", f"model-{place}.safetensors", f"model-{shard}.safetensors", f"model-{place}-dp0.safetensors")
+    optimizer_file = find("optimizer", f"optimizer-{shard}.pt", f"optimizer-{place}.pt")
+    trainer_file = find("trainer", f"trainer-{shard}.pt")
     with torch.serialization.safe_globals(safe_globals or []):
-        optimizer = torch.load(path / f"optimizer-{shard}.pt", weights_only=True)
-        trainer = torch.load(path / f"trainer-{shard}.pt", weights_only=True)
-    return Checkpoint(step=int(manifest["step"]), model=load_file(path / f"model-{shard}.safetensors"),
-                      optimizer=optimizer, trainer=trainer, path=path)
+        optimizer = torch.load(optimizer_file, weights_only=True)
+        trainer = torch.load(trainer_file, weights_only=True)
+    return Checkpoint(step=int(manifest["step"]), model=load_file(weights), optimizer=optimizer, trainer=trainer,
+                      path=path)
 
 
 def latest_checkpoint(root: str | os.PathLike, shard: str = "rank0", *, safe_globals: list | None = None
@@ -240,26 +293,32 @@ def latest_checkpoint(root: str | os.PathLike, shard: str = "rank0", *, safe_glo
             work, so the caller must decide (move them away, or restore them).
 
     Collective: rank 0 verifies and every rank loads the checkpoint rank 0 chose."""
-    chosen, error = [None], None
+    candidates = [str(p) for p in reversed(list_checkpoints(root))]
+    rejected = [f"{p}: no manifest (incomplete or damaged)" for p in damaged_checkpoints(root)]
+    if _world() > 1:  # every rank walks rank 0's list
+        shared = [candidates, rejected]
+        dist.broadcast_object_list(shared, src=0)
+        candidates, rejected = shared
     if _rank() == 0:
-        rejected = [f"{p}: no manifest (incomplete or damaged)" for p in damaged_checkpoints(root)]
         for reason in rejected:
             warnings.warn(f"skipping checkpoint {reason}", stacklevel=2)
-        for path in reversed(list_checkpoints(root)):
-            try:
-                verify_checkpoint(path)
-                chosen = [str(path)]
-                break
-            except CheckpointError as e:
-                rejected.append(str(e))
-                warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
-        if chosen[0] is None and rejected:
-            error = (f"no usable checkpoint in {root}: {'; '.join(rejected)}. Refusing to start over from step 0 "
-                     f"over them: move the directory away to start a new run, or restore the files")
-    if error := _agree_errors(error):
-        raise CheckpointError(error)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    if chosen[0] is None:
+    chosen = None
+    for path in candidates:  # the files of each candidate are hashed by all ranks together
+        error = None
+        try:
+            verify_checkpoint(path, part=(_rank(), _world()))
+        except CheckpointError as e:
+            error = str(e)
+        if error := _agree_errors(error, name_rank=False):  # the message names the file
+            rejected.append(error)
+            if _rank() == 0:
+                warnings.warn(f"skipping checkpoint: {error}; trying the previous one", stacklevel=2)
+            continue
+        chosen = path
+        break
+    if chosen is None and rejected:
+        raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(rejected)}. Refusing to start over from "
+                              f"step 0 over them: move the directory away to start a new run, or restore the files")
+    if chosen is None:
         return None
-    return load_checkpoint(chosen[0], shard, verify=False, safe_globals=safe_globals)
+    return load_checkpoint(chosen, shard, verify=False, safe_globals=safe_globals)

@@ -65,8 +65,8 @@ def partition_dims(layout: dict[str, TensorPlace]) -> dict[str, str]:
 
 
 def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full (TP = PP = 1) weights from the model shards of a checkpoint (data-parallel rank 0 of each TP x PP
-    place): TP-split tensors are concatenated along their partition dimension, stages are merged by name.
+    """Full (TP = PP = 1) weights from the model shards of a checkpoint (one file per TP x PP place): TP-split
+    tensors are concatenated along their partition dimension, stages are merged by name.
 
     Every file is checked against the manifest first (CheckpointError naming the bad file): evaluation, sampling
     and export all read weights through here, so none of them computes with corrupt weights."""
@@ -74,10 +74,10 @@ def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     verify_checkpoint(checkpoint)
     shards: dict[int, dict[int, Path]] = {}  # pp -> tp -> file
     for path in checkpoint.glob("model-*.safetensors"):
-        match = re.fullmatch(r"model-tp(\d+)-pp(\d+)-dp(\d+)\.safetensors", path.name)
+        match = re.fullmatch(r"model-tp(\d+)-pp(\d+)(?:-dp(\d+))?\.safetensors", path.name)
         if match is None:
-            raise ValueError(f"{path}: not a model shard of this project's naming (model-tpX-ppY-dpZ)")
-        tp, pp, dp = map(int, match.groups())
+            raise ValueError(f"{path}: not a model shard of this project's naming (model-tpX-ppY)")
+        tp, pp, dp = (int(g or 0) for g in match.groups())  # -dpZ: checkpoints written before one copy per place
         if dp == 0:
             shards.setdefault(pp, {})[tp] = path
     if not shards:

@@ -52,14 +52,15 @@ def world_size_from_env() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
-def agree_on_error(error: str | None) -> str | None:
-    """Collective over the world: the first error message of any rank, prefixed with its rank (None when every
-    rank passed None), so that all ranks raise together; doubles as a barrier. A lone process returns `error`."""
+def agree_on_error(error: str | None, *, name_rank: bool = True) -> str | None:
+    """Collective over the world: the first error message of any rank, prefixed with its rank unless the message
+    names its subject itself (None when every rank passed None), so that all ranks raise together; doubles as a
+    barrier. A lone process returns `error`."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return error
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
-    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+    return next((f"rank {r}: {e}" if name_rank else e for r, e in enumerate(errors) if e is not None), None)
 
 
 def init_distributed(

@@ -53,6 +53,18 @@ def _stale_reason(holder: dict) -> str | None:
     return None
 
 
+def lock_holder(directory: str | os.PathLike) -> dict | None:
+    """The owner recorded in `directory`'s lock when it may still be alive; None when the directory is free or
+    its lock is stale (then the next RunLock takes it over)."""
+    try:
+        holder = json.loads((Path(directory) / LOCK_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written or damaged: treat as held
+    return None if _stale_reason(holder) else holder
+
+
 class RunLock:
     """Context manager holding `<directory>/.lock` (see the module docstring)."""
 

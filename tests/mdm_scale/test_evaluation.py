@@ -90,7 +90,7 @@ def _damaged_copy(checkpoint, tmp_path, damage):
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(src.parent.parent / "config.yaml", run / "config.yaml")
     copy = Path(shutil.copytree(src, run / "checkpoints" / src.name))
-    weights = copy / "model-tp0-pp0-dp0.safetensors"
+    weights = next(copy.glob("model-*.safetensors"))
     data = bytearray(weights.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x01

@@ -12,7 +12,8 @@ import torch
 from tests.parallel import workers
 from tests.spawn import run_ranks
 
-OVERRIDES = ["train.steps=2", "parallel.tensor_parallel=2", "objective=lomdm", "model.time_conditioning=true"]
+OVERRIDES = ["train.steps=2", "parallel.tensor_parallel=2", "objective=lomdm", "model.time_conditioning=true",
+             "objective.schedule.scheduler_layers=1"]  # the schedulers' TP-sharded transformer layer is exported too
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def exported(tmp_path_factory):
     ranks = run_ranks(2, workers.train_run, [*OVERRIDES, f"run_dir={run_dir}", "data.micro_batch_size=4",
                                              f"data.cache_dir={run_dir.parent / 'cache'}"])
     checkpoint = run_dir / "checkpoints" / f"step_{2:08d}"
-    assert {p.name for p in checkpoint.glob("model-*.safetensors")} == {"model-tp0-pp0-dp0.safetensors",
-                                                                         "model-tp1-pp0-dp0.safetensors"}
+    assert {p.name for p in checkpoint.glob("model-*.safetensors")} == {"model-tp0-pp0.safetensors",
+                                                                         "model-tp1-pp0.safetensors"}
     out = export(checkpoint, run_dir.parent / "exported")
     return checkpoint, out, ranks
 
@@ -67,6 +68,7 @@ def test_export_writes_a_complete_serving_directory(dims, exported):
     assert (config["vocab_size"], config["mask_token_id"], config["padded_vocab_size"]) == (257, 257, 384)
     assert config["scheduler_heads"] == ["backward_scheduler", "forward_scheduler"]
     assert config["time_conditioning"] and config["objective"]["schedule"]["kind"] == "lomdm"
+    assert (config["scheduler_layers"], config["scheduler_position_bias"]) == (1, True)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".exported.tmp")]
     from mdm_scale.export import export
 

@@ -89,3 +89,18 @@ def test_checkpoint_without_manifest_is_reported(tmp_path):
 
 def test_empty_directory_has_no_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_checkpoints_of_the_previous_format_still_load(tmp_path):
+    """Before one copy per place, every rank wrote model-/optimizer-tpX-ppY-dpZ; runs resume across the change."""
+    path = save_checkpoint(tmp_path, 3, model={"w": torch.ones(2)}, optimizer={"lr": 1.0}, trainer={"step": 3},
+                           shard="tp0-pp0-dp0")
+    manifest = (path / "manifest.json").read_text()
+    for kind, suffix in (("model", ".safetensors"), ("optimizer", ".pt")):
+        (path / f"{kind}-tp0-pp0{suffix}").rename(path / f"{kind}-tp0-pp0-dp0{suffix}")
+        manifest = manifest.replace(f'"{kind}-tp0-pp0{suffix}"', f'"{kind}-tp0-pp0-dp0{suffix}"')
+    (path / "manifest.json").write_text(manifest)
+    ckpt = load_checkpoint(path, "tp0-pp0-dp0")
+    assert torch.equal(ckpt.model["w"], torch.ones(2)) and ckpt.optimizer["lr"] == 1.0
+    with pytest.raises(CheckpointError, match="no (optimizer|trainer) file for shard 'tp0-pp0-dp1'"):
+        load_checkpoint(path, "tp0-pp0-dp1")  # never another rank's RNG and data position

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,3 +113,19 @@ def test_sharded_checkpoint_resume_equals_uninterrupted_run(tmp_path, layout):
     assert sorted(resumed[0]["losses"]) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[0]["losses"][step] == pytest.approx(full[0]["losses"][step], rel=1e-6), step
+
+
+def test_data_parallel_checkpoint_holds_one_copy_of_the_weights(tmp_path):
+    """DP = 4 with ZeRO 1: one model file (the weights once, measured in bytes), four optimizer partitions that
+    together hold one copy of the Adam state, and every rank's own trainer state."""
+    ranks = run_ranks(4, workers.train_run, [*STEPS, "train.steps=2", f"run_dir={tmp_path}",
+                                             "data.micro_batch_size=2", "parallel.zero_stage=1"])
+    checkpoint = Path(ranks[0]["checkpoint"])
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert [n for n in names if n.startswith("model-")] == ["model-tp0-pp0.safetensors"]
+    assert [n for n in names if n.startswith("optimizer-")] == [f"optimizer-tp0-pp0-dp{d}.pt" for d in range(4)]
+    assert [n for n in names if n.startswith("trainer-")] == [f"trainer-tp0-pp0-dp{d}.pt" for d in range(4)]
+    weight_bytes = sum(t.numel() * t.element_size() for t in ranks[0]["params"].values())
+    on_disk = (checkpoint / "model-tp0-pp0.safetensors").stat().st_size
+    assert weight_bytes <= on_disk < weight_bytes * 1.05 + 16384, (on_disk, weight_bytes)
+    assert all(r["params"].keys() == ranks[0]["params"].keys() for r in ranks)  # every rank loads the one copy

@@ -114,12 +114,12 @@ def test_damaged_newest_checkpoint_is_detected_and_the_previous_one_resumes_to_t
     shutil.copytree(stopped_at_12, run_dir)
     newest = run_dir / "checkpoints" / "step_00000012"
     if damage == "flipped_byte":
-        victim = newest / "model-tp0-pp0-dp1.safetensors"
+        victim = newest / "model-tp0-pp0.safetensors"  # the one copy of the weights (DP = 2)
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0x01
         victim.write_bytes(bytes(data))
     else:
-        victim = newest / "optimizer-tp0-pp0-dp0.pt"
+        victim = newest / "optimizer-tp0-pp0.pt"  # ZeRO 0: one copy of the replicated optimizer state
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
     out = run_to_end(_overrides(run_dir, cache, "checkpoint.every=4"), tmp_path / "log")

@@ -57,3 +57,13 @@ def test_lock_from_another_host_is_refused(tmp_path, monkeypatch):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-17", "pid": 1, "slurm_job_id": "4242"}))
     with pytest.raises(RunLockError, match="node-17.*delete"):
         RunLock(tmp_path).acquire()
+
+
+def test_lock_holder_reports_a_live_owner_only(tmp_path):
+    from parallel.run_lock import lock_holder
+
+    assert lock_holder(tmp_path) is None
+    with RunLock(tmp_path):
+        assert lock_holder(tmp_path)["pid"] == __import__("os").getpid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": _dead_pid()}))
+    assert lock_holder(tmp_path) is None  # stale
