@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mdm_scale.kernels import rng
+from mdm_scale.kernels.seed import split_seed
 
 
 # ---------------------------------------------------------------------------------------------------- counter RNG
@@ -74,7 +74,7 @@ def _uniforms_kernel(index_ptr, out_ptr, seq_len, seed_lo, seed_hi, F64: tl.cons
 def counter_uniforms(seed: int, sequence_index: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"counter_uniforms supports float64 and float32, not {dtype}")
-    seed_lo, seed_hi = rng.split_seed(seed)
+    seed_lo, seed_hi = split_seed(seed)
     index = sequence_index.to(torch.int64).contiguous()
     out = torch.empty(len(index), seq_len, dtype=dtype, device=index.device)
     if out.numel():
@@ -115,7 +115,7 @@ def polynomial_masking(x0: Tensor, t: Tensor, t_weight: Tensor, exponents: Tenso
                        uniforms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     b, l = x0.shape
     given = uniforms is not None
-    seed_lo, seed_hi = (0, 0) if given else rng.split_seed(seed)
+    seed_lo, seed_hi = (0, 0) if given else split_seed(seed)
     index = t.new_zeros(b, dtype=torch.int64) if given else sequence_index.to(torch.int64).contiguous()
     uniforms = uniforms.to(torch.float64).contiguous() if given else t.new_zeros(1, dtype=torch.float64)
     x0 = x0.contiguous()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mdm_scale.kernels import resolve_backend
+from mdm_scale.kernels.backend import resolve_backend
 
 
 def auto_chunk_rows(n: int, hidden_size: int, vocab_shard: int, min_rows: int = 256,

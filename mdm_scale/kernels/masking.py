@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mdm_scale.kernels import resolve_backend
+from mdm_scale.kernels.backend import resolve_backend
 from mdm_scale.kernels.rng import counter_uniforms_torch
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mdm_scale.kernels import resolve_backend
+from mdm_scale.kernels.backend import resolve_backend
+from mdm_scale.kernels.seed import split_seed
 
 MASK16 = 0xFFFF
 INIT = 0x243F6A88
@@ -52,12 +53,6 @@ def fmix32(h: Tensor) -> Tensor:
 
 def combine(h: Tensor, x: Tensor | int) -> Tensor:
     return fmix32(_low32(_mul32(h, GOLDEN) + x))
-
-
-def split_seed(seed: int) -> tuple[int, int]:
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    return seed & 0xFFFFFFFF, seed >> 32
 
 
 def sequence_keys(seed: int, sequence_index: Tensor) -> Tensor:
