@@ -2,6 +2,7 @@
 
     scripts/in_venv.sh python bench/kernels.py                       # GPU: vocab 50257, seq 1024, h 768 and 2048
     scripts/in_venv.sh python bench/kernels.py --device cpu --quick  # CPU: seq 128, batch 2 (< 2 min on 2 cores)
+    python bench/kernels.py --json kernels.json                      # also every number as JSON (bench/device_check.py)
 
 For each hidden size it runs the loss over the n = batch * seq * mask_frac masked rows (hidden [n, h], output
 matrix [V_padded, h], per-row weights), forward + backward into hidden, weight and row weights:
@@ -19,6 +20,7 @@ not RSS. Time is the median wall time of fwd + bwd (CUDA-synchronised on GPU).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -110,8 +112,9 @@ def auto_batch(args, hidden_size: int, device: torch.device, elem: int) -> int:
     return 1 << (batch.bit_length() - 1)
 
 
-def bench_loss(args, hidden_size: int, batch: int, device: torch.device, dtype: torch.dtype) -> bool:
-    """Prints one table; False when the unfused loss ran out of memory (the caller retries a smaller batch)."""
+def bench_loss(args, hidden_size: int, batch: int, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """Prints one table and returns its numbers; None when the unfused loss ran out of memory (the caller retries a
+    smaller batch)."""
     vocab_padded = padded_size(args.vocab + 1, 1)  # real tokens + mask id, GEMM padding (as the Denoiser)
     n = max(1, int(batch * args.seq * args.mask_frac))
     g = torch.Generator().manual_seed(0)
@@ -134,7 +137,7 @@ def bench_loss(args, hidden_size: int, batch: int, device: torch.device, dtype: 
         except torch.OutOfMemoryError:
             print(f"{name:>13}: out of memory")
             if name == "unfused":
-                return False
+                return None
             continue
         finally:
             hidden.grad = weight.grad = row_weight.grad = None
@@ -148,10 +151,12 @@ def bench_loss(args, hidden_size: int, batch: int, device: torch.device, dtype: 
     for name, (mem, seconds) in results.items():
         print(f"{name:>13} {mem / 2**20:10.1f} {mem / base_mem:12.3f} {(mem - dw) / 2**20:13.1f} "
               f"{(mem - dw) / (base_mem - dw):15.3f} {seconds * 1e3:11.1f} {base_time / seconds:8.2f}")
-    return True
+    return {"batch": batch, "rows": n, "vocab_padded": vocab_padded, "weight_grad_bytes": dw,
+            "variants": {name: {"peak_bytes": mem, "seconds": seconds, "mem_over_unfused": mem / base_mem,
+                                "speedup": base_time / seconds} for name, (mem, seconds) in results.items()}}
 
 
-def bench_masking(args, device: torch.device) -> None:
+def bench_masking(args, device: torch.device) -> dict:
     """Fused polynomial masking vs the unfused path (torch.rand uniforms + polynomial_masking + apply_noise ops)."""
     from mdm_scale.kernels.masking import fused_polynomial_masking
     from mdm_scale.schedules.base import polynomial_masking
@@ -177,7 +182,7 @@ def bench_masking(args, device: torch.device) -> None:
         variants[f"fused-{backend}"] = lambda backend=backend: fused_polynomial_masking(
             x0, t, t_weight, w, seed=0, sequence_index=index, mask_id=args.vocab, backend=backend)
     print(f"\n== masking: batch {b} x seq {l}, per-position exponents, on {device}")
-    base = None
+    base, seconds_by_variant = None, {}
     for name, fn in variants.items():
         def many(fn=fn, calls=50):  # calls are ~0.1 ms: time 50 back to back
             for _ in range(calls):
@@ -185,10 +190,12 @@ def bench_masking(args, device: torch.device) -> None:
 
         seconds = median_seconds(many, device, max(args.reps, 3)) / 50
         base = base or seconds
+        seconds_by_variant[name] = seconds
         print(f"{name:>13} {seconds * 1e3:9.3f} ms  speedup {base / seconds:6.2f}")
+    return {"batch": b, "seq": l, "seconds": seconds_by_variant}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--hidden", type=int, nargs="+", default=[768, 2048])
@@ -202,7 +209,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized run: seq 128, batch 4 (256 masked rows), chunk rows 64, 1 timed rep")
-    args = p.parse_args()
+    p.add_argument("--json", metavar="PATH", help="also write every number to PATH as JSON")
+    args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.quick:
         args.seq, args.reps = 128, 1
@@ -219,16 +227,25 @@ def main() -> None:
         print("memory: torch.cuda.max_memory_allocated above the live bytes before the step")
     else:
         print("memory: torch profiler CPU allocation events: peak live tensor bytes above those before the step")
+    report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "cpu", "dtype": str(dtype).removeprefix("torch."), "vocab": args.vocab, "seq": args.seq,
+              "mask_frac": args.mask_frac, "reps": args.reps, "loss": {}}
     for hidden_size in args.hidden:
         if args.batch == "auto":
             batch = auto_batch(args, hidden_size, device, torch.finfo(dtype).bits // 8)
         else:
             batch = int(args.batch)
-        while not bench_loss(args, hidden_size, batch, device, dtype) and args.batch == "auto" and batch > 1:
+        while (result := bench_loss(args, hidden_size, batch, device, dtype)) is None and args.batch == "auto" \
+                and batch > 1:
             batch //= 2  # the estimate was optimistic: retry with half the batch
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    bench_masking(args, device)
+        report["loss"][str(hidden_size)] = result
+    report["masking"] = bench_masking(args, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
 
 
 if __name__ == "__main__":

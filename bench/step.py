@@ -4,6 +4,7 @@
     scripts/in_venv.sh python bench/step.py --config owt_small --batch 2 --seq 256 --steps 6     # CPU-sized
     scripts/in_venv.sh python bench/step.py --config owt_small --device cuda --dtype bf16       # one GPU, + MFU
     scripts/in_venv.sh python bench/step.py --config owt_1b --device cuda --dtype bf16 --batch 8
+    python bench/step.py --config owt_small --objectives --steps 1 --json ref.json   # the reference alone, as JSON
 
 Three steps are built in one process from the same config (width, depth, heads, FFN, dropout, vocabulary, sequence
 length, micro-batch) and fed the same device-resident batches of random token ids:
@@ -65,6 +66,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -315,6 +317,27 @@ def format_report(runs: dict[str, StepUnderTest], *, tokens_per_step: int, devic
     return "\n".join(lines)
 
 
+def summarise(runs: dict[str, StepUnderTest], *, tokens_per_step: int, device: torch.device,
+              peak_tflops: float) -> dict:
+    """The report's numbers as a dict (--json): per step and the ratios the report prints."""
+    steps = {}
+    for name, run in runs.items():
+        t = statistics.median(run.times)
+        steps[name] = {"median_s": t, "min_s": min(run.times), "max_s": max(run.times),
+                       "tokens_per_s": tokens_per_step / t, "peak_bytes": run.peak_bytes,
+                       "peak_growth_bytes": run.peak_growth_bytes, "params_total": run.params_total,
+                       "params_non_embedding": run.params_non_embedding, "flops_per_token": run.flops_per_token,
+                       "masked_fraction": statistics.mean(run.masked_fractions), "last_loss": run.last_loss,
+                       "mfu": (run.flops_per_token * tokens_per_step / t / (peak_tflops * 1e12)
+                               if device.type == "cuda" else None)}
+    ratios = {}
+    if "ref_mdlm" in steps and "mdlm" in steps:
+        ratios["ours_mdlm_over_ref_tokens_per_s"] = steps["ref_mdlm"]["median_s"] / steps["mdlm"]["median_s"]
+    if "lomdm" in steps and "mdlm" in steps:
+        ratios["lomdm_over_mdlm_step_time"] = steps["lomdm"]["median_s"] / steps["mdlm"]["median_s"]
+    return {"tokens_per_step": tokens_per_step, "peak_tflops": peak_tflops, "steps": steps, "ratios": ratios}
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -330,8 +353,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="autocast dtype for every step (auto: bf16 on GPU, fp32 on CPU, as the trainer does)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: the config's)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
-    p.add_argument("--objectives", nargs="+", choices=("mdlm", "lomdm"), default=["mdlm", "lomdm"],
-                   help="our steps to time against the reference")
+    p.add_argument("--objectives", nargs="*", choices=("mdlm", "lomdm"), default=["mdlm", "lomdm"],
+                   help="our steps to time against the reference (none: the reference alone)")
     p.add_argument("--lomdm-override", action="append", default=[], metavar="KEY=VALUE",
                    help="overrides for the lomdm step only, e.g. objective.time_power=1.0 (same masking rate as MDLM)")
     p.add_argument("--no-reference", action="store_true", help="skip MDLM's reference step")
@@ -342,7 +365,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="accelerator peak for MFU (989 = H100 SXM dense bf16)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the config's tokenizer)")
     p.add_argument("--distinct-batches", type=int, default=4, help="random batches cycled through")
-    return p.parse_args(argv)
+    p.add_argument("--json", metavar="PATH", help="also write the numbers to PATH as JSON (summarise())")
+    args = p.parse_args(argv)
+    if args.no_reference and not args.objectives:
+        p.error("nothing to time: --no-reference and no --objectives")
+    return args
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -364,7 +391,8 @@ def main(argv: list[str] | None = None) -> str:
     if dims.world_size != 1:
         raise SystemExit("bench/step.py measures one process; run it without torchrun")
     overrides = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.zero_stage=0",
-                 "data.grad_accumulation=1", f"train.device={device_name}", *args.override]
+                 "data.grad_accumulation=1", f"train.device={device_name}",
+                 "sampling.num_samples=0", *args.override]  # no sampling here (--seq may be under sampling.seq_len)
     if args.batch:
         overrides.append(f"data.micro_batch_size={args.batch}")
     if args.seq:
@@ -414,6 +442,12 @@ def main(argv: list[str] | None = None) -> str:
               f"{args.warmup} warm-up rounds")
     report = format_report(runs, tokens_per_step=b * l, device=device, peak_tflops=args.peak_tflops, header=header)
     print(report, flush=True)
+    if args.json:
+        numbers = summarise(runs, tokens_per_step=b * l, device=device, peak_tflops=args.peak_tflops)
+        numbers.update(config=args.config, device=where, dtype=dtype, batch=b, seq=l, vocab=vocab,
+                       layers=m.num_layers, hidden=m.hidden_size, torch=torch.__version__)
+        with open(args.json, "w") as f:
+            json.dump(numbers, f, indent=1)
     return report
 
 

@@ -234,5 +234,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule
     if dist.get_world_size() == 1 and zero_stage == 0:
         return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # DeepSpeed reads LOCAL_RANK; torchrun and submitit set it, a lone `python launchers/local.py` does not.
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
                            micro_batch_size=micro_batch_size, zero_stage=zero_stage)

@@ -129,3 +129,16 @@ def test_data_parallel_checkpoint_holds_one_copy_of_the_weights(tmp_path):
     on_disk = (checkpoint / "model-tp0-pp0.safetensors").stat().st_size
     assert weight_bytes <= on_disk < weight_bytes * 1.05 + 16384, (on_disk, weight_bytes)
     assert all(r["params"].keys() == ranks[0]["params"].keys() for r in ranks)  # every rank loads the one copy
+
+
+def test_zero_stage_one_trains_in_a_lone_process(dims, tmp_path, monkeypatch):
+    """`python launchers/local.py parallel.zero_stage=1` without torchrun: no LOCAL_RANK in the environment
+    (DeepSpeed used to fail on it)."""
+    from mdm_scale.config import load_config
+    from mdm_scale.train import train
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = load_config("tiny", [*workers.SMALL, *STEPS, "train.steps=2", f"run_dir={tmp_path}",
+                               "data.micro_batch_size=4", "parallel.zero_stage=1"])
+    result = train(cfg)
+    assert sorted(result.losses) == [1, 2] and all(v == v for v in result.losses.values())

