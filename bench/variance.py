@@ -5,7 +5,8 @@
 
 For each objective the `tiny` model is trained once (`--train-steps`, cached under --out) and measured at its
 initial and its trained parameters, with **equal tokens per draw**: `batch` rows, i.e. `batch` sequences for the
-independent estimators and `batch / 2` sequences x 2 for MIRROR (a pair is two rows). Two data settings:
+independent estimators and `batch / 2` sequences x 2 for MIRROR and two_draw (a pair is two rows). Two data
+settings:
 
 * `fixed`: every draw sees the same held-out batch; only t and the masks vary (the noise these methods target).
 * `resampled`: every draw takes a fresh random batch of held-out sequences, so data noise is included as in
@@ -17,6 +18,11 @@ independent estimators and `batch / 2` sequences x 2 for MIRROR (a pair is two r
 
 Draws are paired across estimators (the same data at draw k). P-POTS's proposal is first fitted on `--warmup`
 draws at the same parameters (forward only) and then frozen.
+
+Every row uses the RLOO score-function baseline except `two_draw` (the LoMDM paper's Eq. 8: each sequence twice
+at one antithetic t with independent masks, the partner's loss as baseline; learned schedules only, skipped for
+the others). The `schedule params' share` column is the learned schedule's part of the gradient variance, i.e.
+the score-function term's (plus the small pathwise part).
 
 Total gradient variance = trace of the covariance of the flattened gradient of the per-token loss. Both it and
 the loss variance are estimated from independent pairs of draws, tr Cov = E ||g - g'||^2 / 2 (unbiased, no need
@@ -40,16 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-ESTIMATORS = {  # name -> (t_sampler, mask_pairs, p_pots_statistic)
-    "uniform": ("uniform", "independent", "sequence"),
-    "antithetic": ("antithetic", "independent", "sequence"),
-    "mirror": ("antithetic", "mirror", "sequence"),
-    "p_pots": ("p_pots", "independent", "sequence"),
-    "mirror+p_pots": ("p_pots", "mirror", "sequence"),
-    "p_pots:token": ("p_pots", "independent", "token"),
-    "mirror+p_pots:token": ("p_pots", "mirror", "token"),
+ESTIMATORS = {  # name -> (t_sampler, mask_pairs, p_pots_statistic, score_baseline)
+    "uniform": ("uniform", "independent", "sequence", "rloo"),
+    "antithetic": ("antithetic", "independent", "sequence", "rloo"),
+    "mirror": ("antithetic", "mirror", "sequence", "rloo"),
+    "p_pots": ("p_pots", "independent", "sequence", "rloo"),
+    "mirror+p_pots": ("p_pots", "mirror", "sequence", "rloo"),
+    "p_pots:token": ("p_pots", "independent", "token", "rloo"),
+    "mirror+p_pots:token": ("p_pots", "mirror", "token", "rloo"),
+    "two_draw": ("antithetic", "independent", "sequence", "two_draw"),
 }
-DEFAULT_ESTIMATORS = ["uniform", "antithetic", "mirror", "p_pots", "mirror+p_pots"]
+DEFAULT_ESTIMATORS = ["uniform", "antithetic", "mirror", "p_pots", "mirror+p_pots", "two_draw"]
 T_95 = 1.96  # normal quantile; pairs >= 32 keep the t quantile within 4% of it
 
 
@@ -136,10 +143,12 @@ def pair_estimate(values: list[float]) -> tuple[float, float]:
 def measure(model, cfg, pool: torch.Tensor, args, estimator: str, data_mode: str) -> dict:
     from mdm_scale.time_sampling import TimeSampler
 
-    t_sampler, mask_pairs, statistic = ESTIMATORS[estimator]
-    ocfg = replace(cfg.objective, t_sampler=t_sampler, mask_pairs=mask_pairs, p_pots_statistic=statistic)
+    t_sampler, mask_pairs, statistic, score_baseline = ESTIMATORS[estimator]
+    ocfg = replace(cfg.objective, t_sampler=t_sampler, mask_pairs=mask_pairs, p_pots_statistic=statistic,
+                   score_baseline=score_baseline)
     sampler = TimeSampler.from_config(ocfg)
-    sequences = args.batch // 2 if mask_pairs == "mirror" else args.batch
+    paired = mask_pairs == "mirror" or score_baseline == "two_draw"  # a pair is two rows
+    sequences = args.batch // 2 if paired else args.batch
     data = torch.Generator().manual_seed(1234)  # the same batches for every estimator (paired)
 
     current = None
@@ -182,6 +191,8 @@ def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mdm_scale.config import LEARNED_KINDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", nargs="+", default=["mdlm", "mdm_ls"])
     p.add_argument("--estimators", nargs="+", default=DEFAULT_ESTIMATORS, choices=list(ESTIMATORS),
@@ -217,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         for (label, cfg, model), data_mode in itertools.product(checkpoints, args.data):
             model.train()  # as in training (tiny has no dropout)
             results = {}
+            learned = cfg.objective.schedule.kind in LEARNED_KINDS
             for estimator in args.estimators:
+                if ESTIMATORS[estimator][3] == "two_draw" and not learned:
+                    continue  # a score-function baseline: nothing to estimate without a learned schedule
                 t0 = time.perf_counter()
                 results[estimator] = measure(model, cfg, pool, args, estimator, data_mode)
                 results[estimator]["seconds"] = time.perf_counter() - t0

@@ -29,12 +29,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEDULE_KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_to_left", "fixed_order", "block",
                   "mdm_ls", "lomdm")
 UNIVARIATE_KINDS = ("loglinear", "cosine", "polynomial")
-EXPONENT_FAMILIES = ("linear", "log")
+EXPONENT_FAMILIES = ("linear", "log", "normsig")
 ESTIMATORS = ("time", "order")
 T_SAMPLERS = ("uniform", "antithetic", "p_pots")
 P_POTS_STATISTICS = ("sequence", "token")
 MASK_PAIRS = ("independent", "mirror")
-SCORE_BASELINES = ("rloo", "time_binned")
+SCORE_BASELINES = ("rloo", "time_binned", "two_draw")
+LEARNED_KINDS = ("mdm_ls", "lomdm")
 POLICIES = ("ancestral", "random", "left_to_right", "confidence", "entropy", "eb")
 EB_PROXIES = ("entropy", "confidence")
 TOKENIZERS = ("gpt2", "byte")
@@ -121,14 +122,24 @@ class ScheduleConfig:
     inner: str = "loglinear"
     """block only: the univariate schedule inside a block (loglinear | cosine | polynomial)."""
     min_exponent: float = 0.25
-    """mdm_ls / lomdm: c1 in w_i = c1 + c2 * NormSig(.)_i, the smallest learnable exponent."""
+    """mdm_ls / lomdm: c1. linear family: the smallest learnable exponent; normsig: every sequence's mean
+    exponent (the paper's c1, 0.7 in lomdm_paper)."""
     exponent_range: float = 1.5
-    """mdm_ls / lomdm: c2 in w_i = c1 + c2 * NormSig(.)_i; w = c1 + c2/2 (= 1, MDLM) at initialisation."""
+    """mdm_ls / lomdm: c2. linear: w = c1 + c2/2 (= 1, MDLM) at initialisation; normsig: the scale of the
+    deviations from the mean, which must stay below c1 (w_i > c1 - c2 (1 - 1/L) > 0)."""
     exponent_family: str = "linear"
-    """mdm_ls / lomdm: linear (w_i = c1 + c2 * NormSig(.)_i, in [c1, c1 + c2]) | log (log w_i = R tanh(centred
-    logit / R): ratios up to e^(2R), so sharp orders; needs objective.estimator=order)."""
+    """mdm_ls / lomdm: linear (w_i = c1 + c2 * sigmoid(v_i - mean_j v_j), in [c1, c1 + c2]) | log (log w_i =
+    R tanh(centred logit / R): ratios up to e^(2R), so sharp orders; needs objective.estimator=order) | normsig (the
+    LoMDM paper's w_i = c1 + c2 * (sigmoid(v_i) - mean_j sigmoid(v_j)): mean exponent c1 in every sequence, needs
+    c1 > c2; lomdm's backward scheduler then takes the same form). docs/objective.md, sections 2 and 5b."""
     max_log_exponent: float = 12.0
     """mdm_ls / lomdm with the log family: R, the bound on |log w_i|."""
+    scheduler_layers: int = 0
+    """lomdm: megatron transformer layers (the backbone's layer spec: TP-sharded like it) at the start of each
+    scheduler, before its MLP head. 0 = the MLP head alone (the lomdm preset); 1 = the paper's one layer + MLP."""
+    scheduler_position_bias: bool = True
+    """lomdm: add a learned bias per position to each scheduler's logits (the lomdm preset: rotary features hold
+    no absolute position, docs/objective.md section 5); the paper's schedulers have none (lomdm_paper: false)."""
 
     def __post_init__(self) -> None:
         _choice(self.kind, "objective.schedule.kind", SCHEDULE_KINDS)
@@ -140,6 +151,16 @@ class ScheduleConfig:
         _finite(self.min_exponent, "objective.schedule.min_exponent", 0, low_open=True)
         _finite(self.exponent_range, "objective.schedule.exponent_range", 0)
         _finite(self.max_log_exponent, "objective.schedule.max_log_exponent", 0, low_open=True)
+        _at_least(self.scheduler_layers, "objective.schedule.scheduler_layers", 0)
+        _require(self.kind == "lomdm" or (self.scheduler_layers == 0 and self.scheduler_position_bias),
+                 f"objective.schedule.scheduler_layers and scheduler_position_bias describe LoMDM's scheduler "
+                 f"heads; schedule.kind={self.kind} has none (got {self.scheduler_layers} and "
+                 f"{self.scheduler_position_bias})")
+        if self.exponent_family == "normsig":  # NormSig_i lies in (-(1 - 1/L), 1 - 1/L): w_i > c1 - c2 (1 - 1/L)
+            _require(self.min_exponent > self.exponent_range,
+                     f"objective.schedule.exponent_family=normsig needs min_exponent (c1) > exponent_range (c2) so "
+                     f"that every exponent c1 + c2 * NormSig_i stays positive at every length; got "
+                     f"{self.min_exponent:g} and {self.exponent_range:g}")
         if self.kind == "fixed_order":
             _require(sorted(self.order) == list(range(len(self.order))) and self.order,
                      f"objective.schedule.order must be a permutation of 0..L-1; got {list(self.order)}")
@@ -185,7 +206,10 @@ class ObjectiveConfig:
     """Learned schedules: add the score-function gradient for the discrete masking (unbiased)."""
     score_baseline: str = "rloo"
     """Baseline of that score-function term: rloo (mean loss of the batch's other sequences) | time_binned (the
-    running mean loss in this sequence's time bin from earlier steps: removes the loss's dependence on t)."""
+    running mean loss in this sequence's time bin from earlier steps: removes the loss's dependence on t) |
+    two_draw (the LoMDM paper's Eq. 8: every sequence twice at one t with independent masks, each row's baseline
+    its partner's loss; a pair is two rows, so for equal tokens halve the batch size; learned schedules only,
+    with mask_pairs=independent)."""
 
     def __post_init__(self) -> None:
         _choice(self.t_sampler, "objective.t_sampler", T_SAMPLERS)
@@ -200,6 +224,14 @@ class ObjectiveConfig:
         _finite(self.p_pots_uniform_mix, "objective.p_pots_uniform_mix", 0, 1, low_open=True)
         _finite(self.p_pots_power, "objective.p_pots_power", 0, 1, low_open=True)
         _finite(self.velocity_weight, "objective.velocity_weight", 0)
+        if self.score_baseline == "two_draw":  # the partner must be an independent draw at the same x and t
+            _require(self.mask_pairs == "independent",
+                     f"objective.score_baseline=two_draw pairs every sequence with a second, independent mask; "
+                     f"objective.mask_pairs={self.mask_pairs} would make the partner depend on the row's own mask "
+                     f"(a biased baseline): set objective.mask_pairs=independent")
+            _require(self.schedule.kind in LEARNED_KINDS,
+                     f"objective.score_baseline=two_draw is a score-function baseline for learned schedules "
+                     f"({', '.join(LEARNED_KINDS)}); schedule.kind={self.schedule.kind} has none")
         if self.estimator == "order":  # steps are drawn on (0, 1]: a floor or a warped proposal would bias them
             _require(self.t_min == 0 and self.time_power == 1,
                      f"objective.estimator=order draws the step fraction on (0, 1] and needs objective.t_min=0 and "

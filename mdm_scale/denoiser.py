@@ -3,7 +3,8 @@
     tokens z_t [b, l] (mask id = vocab_size) -> vocab-parallel embedding (+ time embedding) -> TransformerBlock
     (rotary, bidirectional, TP/PP-ready) -> final norm -> hidden [b, l, h]
         -> vocab-parallel output head over the real vocabulary only: the mask token is never predicted (SUBS)
-        -> scheduler heads (LoMDM): one logit per position from detached hidden states
+        -> scheduler heads (LoMDM): one logit per position from detached hidden states (an MLP, optionally
+           after transformer layers of the backbone's spec)
 
 The choice of local vs Transformer Engine layers lives in parallel/layer_spec.py; this file reads the same at
 TP = 1 and TP = 8.
@@ -11,6 +12,7 @@ TP = 1 and TP = 8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,6 +22,7 @@ from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor, nn
@@ -82,21 +85,46 @@ class TimeEmbedding(nn.Module):
 
 
 class SchedulerHead(nn.Module):
-    """A light MLP from (detached) backbone features to one logit per position, plus a learned bias per position.
+    """A scheduler (LoMDM): (detached) backbone features -> optional transformer layers -> a light MLP -> one
+    logit per position, plus an optional learned bias per position.
 
     The bias carries the state-independent part of a schedule (MDM-LS's logits): with rotary attention the
     features hold no absolute position, so without it a LoMDM scheduler could express an order only through the
-    content. Zero-initialised output and bias: a fresh head gives the same exponent everywhere (MDLM's w = 1)."""
+    content. The layers (the paper's "one transformer layer + MLP") are megatron-core TransformerLayers built
+    from the backbone's layer spec, so they shard under TP like the backbone; they run without dropout (the
+    pipeline path recomputes the forward scheduler's logits and must get the same values). Zero-initialised
+    output and bias: a fresh head gives the same logit everywhere (MDLM's w = 1, or c1 for the normsig family).
 
-    def __init__(self, hidden_size: int, head_size: int, max_seq_len: int):
+    Args:
+        hidden_size, head_size: the features' width and the MLP's hidden width.
+        max_seq_len: length of the position bias.
+        config, layer_spec: the backbone's TransformerConfig and layer spec (needed when layers > 0).
+        layers: transformer layers before the MLP (0: the MLP alone).
+        position_bias: add the learned per-position bias.
+    """
+
+    def __init__(self, hidden_size: int, head_size: int, max_seq_len: int, *, config: TransformerConfig | None = None,
+                 layer_spec=None, layers: int = 0, position_bias: bool = True):
         super().__init__()
+        if layers:
+            config = dataclasses.replace(config, hidden_dropout=0.0, attention_dropout=0.0)
+        self.layers = nn.ModuleList(build_module(layer_spec, config=config, layer_number=i + 1) for i in range(layers))
         self.net = nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, 1))
-        self.position_bias = nn.Parameter(torch.zeros(max_seq_len))
+        self.position_bias = nn.Parameter(torch.zeros(max_seq_len)) if position_bias else None
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, hidden: Tensor) -> Tensor:  # [b, l, h] -> [b, l]
-        return self.net(hidden).squeeze(-1) + self.position_bias[: hidden.shape[1]]
+    def forward(self, hidden: Tensor, rotary_pos_emb: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:  # [b, l, h] -> [b, l]
+        """rotary_pos_emb and attention_mask ([b, 1, l, l], True = may not attend) feed the layers, as in the
+        backbone."""
+        if len(self.layers):
+            x = hidden.transpose(0, 1)  # [l, b, h], megatron's layout
+            for layer in self.layers:
+                x, _ = layer(x, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden = x.transpose(0, 1)  # [b, l, h]
+        logits = self.net(hidden).squeeze(-1)
+        return logits if self.position_bias is None else logits + self.position_bias[: hidden.shape[1]]
 
 
 class Denoiser(MegatronModule):
@@ -107,6 +135,8 @@ class Denoiser(MegatronModule):
         vocab_size: real tokens (EOS included); the mask token gets id `vocab_size`.
         max_seq_len: longest sequence (rotary tables are built on the fly, this only bounds inputs).
         scheduler_heads: names of per-position heads to build ("forward_scheduler", "backward_scheduler" for LoMDM).
+        scheduler_layers: transformer layers at the start of each scheduler head (0: an MLP head).
+        scheduler_position_bias: give each scheduler head a learned bias per position.
         tensor_parallel_size: TP size (to pad the vocabulary evenly).
         pipeline_parallel_size: PP size; with PP > 1 each stage builds its share of the blocks, the first
             stage the embedding and the last stage the final norm, output head and scheduler heads.
@@ -115,6 +145,7 @@ class Denoiser(MegatronModule):
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
+                 scheduler_layers: int = 0, scheduler_position_bias: bool = True,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, on_gpu: bool = False,
                  causal: bool = False, kernels: str = "auto"):
         config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
@@ -140,8 +171,9 @@ class Denoiser(MegatronModule):
             self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                       use_cpu_initialization=True)
-        self.decoder = TransformerBlock(config, denoiser_layer_spec(use_transformer_engine=use_te, causal=causal),
-                                        pre_process=self.pre_process, post_process=self.post_process)
+        layer_spec = denoiser_layer_spec(use_transformer_engine=use_te, causal=causal)
+        self.decoder = TransformerBlock(config, layer_spec, pre_process=self.pre_process,
+                                        post_process=self.post_process)
         self.tie_embeddings = cfg.tie_embeddings
         self.output_layer = None
         self.scheduler_heads = nn.ModuleDict()
@@ -151,9 +183,11 @@ class Denoiser(MegatronModule):
                 init_method=config.init_method, bias=False, gather_output=False,
                 skip_weight_param_allocation=cfg.tie_embeddings,
             )
-            self.scheduler_heads.update(
-                {name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len) for name in scheduler_heads}
-            )
+            self.scheduler_heads.update({
+                name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len, config=config,
+                                    layer_spec=layer_spec, layers=scheduler_layers,
+                                    position_bias=scheduler_position_bias)
+                for name in scheduler_heads})
         self.causal = causal
         if kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_BACKENDS)}")
@@ -212,9 +246,17 @@ class Denoiser(MegatronModule):
         detached)."""
         return denoiser_weighted_nll(self, hidden, targets, row_weight, backend=self.kernels)
 
-    def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
-        """[b, l] logits of scheduler head `name` from features; gradients stop at the backbone."""
-        return self.scheduler_heads[name](hidden.detach().float())
+    def scheduler_logits(self, name: str, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """[b, l] logits of scheduler head `name` from features [b, l, h]; gradients stop at the backbone.
+        attention_mask: as in `forward` (document boundaries), for heads with transformer layers."""
+        head = self.scheduler_heads[name]
+        hidden = hidden.detach().float()
+        if not len(head.layers):
+            return head(hidden)
+        b, l = hidden.shape[:2]
+        if attention_mask is None and not self.causal:
+            attention_mask = torch.zeros(b, 1, l, l, dtype=torch.bool, device=hidden.device)
+        return head(hidden, self.rotary(l), attention_mask)
 
 
 def document_attention_mask(document_ids: Tensor) -> Tensor:

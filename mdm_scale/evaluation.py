@@ -52,7 +52,9 @@ def evaluate_nelbo(
     denoiser.eval()
     generator = torch.Generator().manual_seed(seed)
     sampler = TimeSampler.from_config(cfg, evaluation=True)  # fixed proposal, independent masks
-    cfg = replace(cfg, velocity_weight=1.0, mask_pairs="independent", t_sampler=sampler.t_sampler)
+    # One row per sequence (no MIRROR or two-draw pairs: evaluation needs no score-function baseline).
+    cfg = replace(cfg, velocity_weight=1.0, mask_pairs="independent", score_baseline="rloo",
+                  t_sampler=sampler.t_sampler)
     total, count = 0.0, 0
     for batch in batches:
         x0, document_ids = (None if x is None else x.to(device) for x in split_document_ids(batch))

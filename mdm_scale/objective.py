@@ -3,9 +3,10 @@
     L(x) = E_t E_{z_t} sum_{i: z_t^i = m} A_i(t) * (-log p_theta(x^i | z_t, t))          [+ LoMDM velocity term]
 
 Per sequence we draw one t (`objective.t_sampler`: uniform, antithetic or the P-POTS proposal, with importance
-weight) and one z_t (`objective.mask_pairs=mirror`: twice, from complementary uniforms), run the denoiser once,
-and weight the per-token NLL of masked positions. Learned schedules also get a score-function gradient for the
-discrete masking (RLOO or time-binned baseline), so their parameters see the whole gradient of the NELBO.
+weight) and one z_t (`objective.mask_pairs=mirror`: twice, from complementary uniforms; `score_baseline=two_draw`:
+twice, from independent uniforms), run the denoiser once, and weight the per-token NLL of masked positions.
+Learned schedules also get a score-function gradient for the discrete masking (RLOO, time-binned or the other
+draw as baseline), so their parameters see the whole gradient of the NELBO.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from data_pipeline.shard_format import PADDING_DOCUMENT_ID
-from mdm_scale.config import ESTIMATORS, MASK_PAIRS, SCORE_BASELINES, ObjectiveConfig
+from mdm_scale.config import ESTIMATORS, LEARNED_KINDS, MASK_PAIRS, SCORE_BASELINES, ObjectiveConfig
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.base import order_masking
@@ -98,18 +99,27 @@ class TrainingNoise:
     mirrored: bool
     """Rows are [b sequences; the same b sequences] with uniforms [u; 1 - u] (see `mirror_rows`)."""
     baseline: Tensor | None
-    """Score-function baseline per row from earlier steps (`time_binned`), or None for RLOO."""
+    """Score-function baseline per row from earlier steps (`time_binned`), or None (RLOO or two_draw)."""
+    two_draw: bool = False
+    """Rows are [b sequences; the same b sequences] at the same times with independent uniforms [u; u'], and each
+    row's score-function baseline is its partner's loss (`score_baseline=two_draw`, the paper's Eq. 8)."""
+
+    @property
+    def paired(self) -> bool:
+        """Every sequence is in the batch twice, rows i and i + b (MIRROR or two draws)."""
+        return self.mirrored or self.two_draw
 
     def rows(self, x: Tensor | None) -> Tensor | None:
-        """The batch's rows for this noise: tokens or document ids [b, ...], doubled when mirrored."""
-        return mirror_rows(x) if self.mirrored else x
+        """The batch's rows for this noise: tokens or document ids [b, ...], doubled when paired."""
+        return mirror_rows(x) if self.paired else x
 
 
 def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler: TimeSampler,
                    generator: torch.Generator, device: torch.device, *, data_parallel_rank: int = 0,
                    data_parallel_size: int = 1) -> TrainingNoise:
     """Noise of the global micro-batch (stratified over all of it), this rank's strided slice (the data loader's
-    striding: DP = N sees exactly the noise of DP = 1), then the mirror pairing."""
+    striding: DP = N sees exactly the noise of DP = 1), then the pairing (mirror, or two_draw: a second set of
+    uniforms for the global batch, drawn after the first, so the first rows see the unpaired noise)."""
     if cfg.mask_pairs not in MASK_PAIRS:
         raise ValueError(f"objective.mask_pairs must be one of {', '.join(MASK_PAIRS)}, got {cfg.mask_pairs!r}")
     if cfg.score_baseline not in SCORE_BASELINES:
@@ -120,18 +130,25 @@ def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler:
     if cfg.estimator == "time" and cfg.schedule.exponent_family == "log" and cfg.schedule.kind in ("mdm_ls", "lomdm"):
         raise ValueError("schedule.exponent_family=log needs objective.estimator=order: in the time form position "
                          "i's weight w_i / t has infinite variance once w_i <= time_power (docs/objective.md, 3)")
+    two_draw = cfg.score_baseline == "two_draw"
+    if two_draw and (cfg.mask_pairs != "independent" or cfg.schedule.kind not in LEARNED_KINDS):
+        raise ValueError("objective.score_baseline=two_draw needs objective.mask_pairs=independent and a learned "
+                         f"schedule ({', '.join(LEARNED_KINDS)})")
     t, t_weight, uniforms = draw_noise(batch_size * data_parallel_size, seq_len, sampler, generator, device)
     mine = slice(data_parallel_rank, None, data_parallel_size)
     t, t_weight, uniforms = t[mine], t_weight[mine], uniforms[mine]
     mirrored = cfg.mask_pairs == "mirror"
     if mirrored:
         t, t_weight, uniforms = mirror_rows(t), mirror_rows(t_weight), torch.cat([uniforms, 1 - uniforms])
+    if two_draw:  # the second draw z_t' of each sequence: same t, independent mask
+        second = torch.rand(batch_size * data_parallel_size, seq_len, generator=generator, dtype=torch.float64)
+        t, t_weight, uniforms = mirror_rows(t), mirror_rows(t_weight), torch.cat([uniforms, second[mine].to(device)])
     baseline = sampler.baseline(t, t_weight) if cfg.score_baseline == "time_binned" else None
-    return TrainingNoise(t, t_weight, uniforms, mirrored, baseline)
+    return TrainingNoise(t, t_weight, uniforms, mirrored, baseline, two_draw)
 
 
 def mirror_rows(x: Tensor | None) -> Tensor | None:
-    """[b, ...] -> [2b, ...]: every sequence twice (the MIRROR pair's rows are i and i + b)."""
+    """[b, ...] -> [2b, ...]: every sequence twice (a pair's rows are i and i + b: MIRROR, two draws)."""
     return None if x is None else torch.cat([x, x])
 
 
@@ -170,7 +187,8 @@ def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t
 def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBatch, hidden: Tensor, *,
                         velocity_weight: float = 1.0, score_function: bool = True, reduce_group=None,
                         loss_mask: Tensor | None = None, mirrored: bool = False,
-                        baseline: Tensor | None = None) -> NelboTerms:
+                        baseline: Tensor | None = None, two_draw: bool = False,
+                        attention_mask: Tensor | None = None) -> NelboTerms:
     """The weighted loss from the denoiser's features of z_t (the last pipeline stage's job).
 
     Args:
@@ -181,6 +199,10 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
         mirrored: rows i and i + b/2 are a MIRROR pair (complementary masks): the RLOO baseline of a row leaves
             out both, since the partner's loss depends on this row's mask.
         baseline: [b] score-function baseline from earlier steps (time_binned); None = RLOO over the batch.
+        two_draw: rows i and i + b/2 are two independent draws of one sequence at one t: each row's baseline is its
+            partner's loss, so a pair's surrogate is (L_1 - L_2) (log q(z_1) - log q(z_2)), the paper's Eq. 8.
+        attention_mask: [b, 1, l, l] as in the denoiser's forward (document boundaries), for the backward
+            scheduler's transformer layers.
     """
     x0, t, masking = noised.x0, noised.t, noised.masking
     masked = noised.masked if loss_mask is None else noised.masked & loss_mask
@@ -200,7 +222,7 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
     velocity = torch.zeros_like(reconstruction)
     if isinstance(schedule, StateDependentSchedule):
         w = masking.exponents  # [b, l]
-        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
+        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden, attention_mask))
         # A = w / t and A_hat = w_hat / t share the 1/t factor (order form: L / W(M)), part of the weight.
         rate = masking.rate_scale if masking.rate_scale is not None else 1 / t[:, None]
         scale = (noised.t_weight[:, None] * rate).to(torch.float32)
@@ -220,7 +242,9 @@ def nelbo_from_features(denoiser: Denoiser, schedule: Schedule, noised: NoisedBa
             log_q = torch.where(masked, masking.log_mask_prob, masking.log_keep_prob)
             log_q = (log_q if loss_mask is None else log_q * loss_mask).sum(-1)  # [b]
         reward = per_sequence.to(torch.float64)
-        if baseline is None:
+        if two_draw:
+            baseline = reward.view(2, -1).flip(0).reshape(-1)  # [b] the partner's loss: same x and t, own mask
+        elif baseline is None:
             baseline = leave_one_out_baseline(reward, mirrored, reduce_group)
         surrogate = ((reward - baseline) * (log_q - log_q.detach())).sum() / num_tokens
         loss = loss + surrogate.to(loss.dtype)
@@ -265,6 +289,7 @@ def nelbo(
     mirrored: bool = False,
     baseline: Tensor | None = None,
     estimator: str = "time",
+    two_draw: bool = False,
 ) -> NelboTerms:
     """Single-sample NELBO estimate at the given noise (all passes on this process; see pipeline.py for PP).
 
@@ -277,17 +302,23 @@ def nelbo(
         reduce_group: data-parallel group; the RLOO baseline then averages over the global batch.
         document_ids: [b, l] document of each position (`--pack documents`): attention stays within a document
             and padding carries no loss. None = one sequence per row, every position counts.
-        mirrored, baseline: the score-function baseline's inputs (see `nelbo_from_features`).
+        mirrored, baseline, two_draw: the score-function baseline's inputs (see `nelbo_from_features`); with
+            either pairing the rows are [x; x], so the clean pass runs on the first half only.
         estimator: time | order (then t is the step fraction; see `apply_noise`).
     """
     check_batch(x0, t, denoiser.vocab_size)
     attention_mask, loss_mask = document_masks(document_ids)
-    # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone.
+    # 1. Forward scheduler (LoMDM): exponents from clean-x features; no gradient into the backbone. A pair's two
+    #    rows hold the same sequence: one clean pass and one scheduler call per sequence.
     forward_logits = None
     if schedule.needs_clean_features:
+        clean = slice(0, x0.shape[0] // 2 if mirrored or two_draw else None)
+        clean_mask = None if attention_mask is None else attention_mask[clean]
         with torch.no_grad():
-            clean_hidden = denoiser(x0, torch.zeros_like(t), attention_mask)
-        forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [b, l]
+            clean_hidden = denoiser(x0[clean], torch.zeros_like(t[clean]), clean_mask)
+        forward_logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden, clean_mask)  # [b(/2), l]
+        if mirrored or two_draw:
+            forward_logits = mirror_rows(forward_logits)  # [b, l]
     # 2. Mask.
     noised = apply_noise(denoiser, schedule, x0, t, t_weight, uniforms, forward_logits, estimator)
     # 3. Denoise: one pass over z_t.
@@ -295,7 +326,8 @@ def nelbo(
     # 4.-5. Weight and normalise.
     return nelbo_from_features(denoiser, schedule, noised, hidden, velocity_weight=velocity_weight,
                                score_function=score_function, reduce_group=reduce_group, loss_mask=loss_mask,
-                               mirrored=mirrored, baseline=baseline)
+                               mirrored=mirrored, baseline=baseline, two_draw=two_draw,
+                               attention_mask=attention_mask)
 
 
 def training_nelbo(
@@ -307,7 +339,8 @@ def training_nelbo(
 
     `sampler` is the run's time sampler (its P-POTS proposal / statistics); None = a fresh one from `cfg`.
     Every data-parallel rank draws the noise of the global batch and keeps its own strided slice. With
-    `mask_pairs=mirror` the batch is doubled: [x; x] with uniforms [u; 1 - u] (a pair is two rows).
+    `mask_pairs=mirror` the batch is doubled: [x; x] with uniforms [u; 1 - u] (a pair is two rows); with
+    `score_baseline=two_draw` likewise, with independent uniforms [u; u'] at the same times.
     """
     b, l = x0.shape
     sampler = sampler or TimeSampler.from_config(cfg)
@@ -317,5 +350,5 @@ def training_nelbo(
         denoiser, schedule, noise.rows(x0), noise.t, noise.t_weight, noise.uniforms,
         velocity_weight=cfg.velocity_weight, score_function=cfg.score_function,
         reduce_group=data_parallel_group if data_parallel_size > 1 else None, document_ids=noise.rows(document_ids),
-        mirrored=noise.mirrored, baseline=noise.baseline, estimator=cfg.estimator,
+        mirrored=noise.mirrored, baseline=noise.baseline, estimator=cfg.estimator, two_draw=noise.two_draw,
     )

@@ -70,7 +70,7 @@ def pipeline_nelbo(
                             data_parallel_size=data_parallel_size) for _ in micro_batches]
     for n, x in zip(noise, micro_batches):
         check_batch(x, n.t[: x.shape[0]], denoiser.vocab_size)
-    # Every stage pairs the rows the same way (MIRROR doubles them).
+    # Every stage pairs the rows the same way (MIRROR and two_draw double them).
     micro_batches = [n.rows(x) for n, x in zip(noise, micro_batches)]
     document_ids = [n.rows(ids) for n, ids in zip(noise, document_ids or [None] * len(micro_batches))]
     b = micro_batches[0].shape[0]
@@ -98,8 +98,8 @@ def pipeline_nelbo(
             run(forward_step_func=clean_step, data_iterator=iter(range(len(micro_batches))), model=[denoiser],
                 num_microbatches=len(micro_batches), seq_length=l, micro_batch_size=b, forward_only=True)
         for i in range(len(micro_batches)):
-            logits = (denoiser.scheduler_logits("forward_scheduler", clean_features[i]).detach() if last_stage
-                      else torch.empty(b, l, device=device))
+            logits = (denoiser.scheduler_logits("forward_scheduler", clean_features[i], masks[i]).detach()
+                      if last_stage else torch.empty(b, l, device=device))
             forward_logits[i] = _broadcast_from_last_stage(logits)
 
     # Pass 2: z_t through the pipeline; the loss on the last stage.
@@ -115,13 +115,14 @@ def pipeline_nelbo(
         def loss(hidden):
             logits = None
             if schedule.needs_clean_features:  # recompute with gradients for phi, same values
-                logits = denoiser.scheduler_logits("forward_scheduler", clean_features[i])
+                logits = denoiser.scheduler_logits("forward_scheduler", clean_features[i], masks[i])
             with_grad = apply_noise(denoiser, schedule, micro_batches[i], t, t_weight, uniforms, logits,
                                     cfg.estimator)
             terms = nelbo_from_features(denoiser, schedule, with_grad, hidden, velocity_weight=cfg.velocity_weight,
                                         score_function=cfg.score_function and not forward_only,
                                         reduce_group=reduce_group, loss_mask=loss_masks[i],
-                                        mirrored=noise[i].mirrored, baseline=noise[i].baseline)
+                                        mirrored=noise[i].mirrored, baseline=noise[i].baseline,
+                                        two_draw=noise[i].two_draw, attention_mask=masks[i])
             terms_out.append(terms)
             return terms.loss, {"nelbo": terms.nelbo}
 

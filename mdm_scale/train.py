@@ -267,6 +267,7 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
         if not finite and cfg.train.nonfinite == "stop":
             raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
                                      f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
+        schedule_norm = _schedule_grad_norm(model)  # before the step clears the gradients
         grad_norm = engine.step(skip=not finite)
         if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
             sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
@@ -278,8 +279,10 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
             result.skipped.append(step)
             logger.write(f"WARNING: skipped step {step}: non-finite loss or gradient (loss {loss}); no update "
                          f"(train.nonfinite=skip, {len(result.skipped)} skipped so far)")
-        tokens = sum(x.numel() for x in micro_batches) * dp_size * (2 if cfg.objective.mask_pairs == "mirror" else 1)
-        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr})
+        paired = cfg.objective.mask_pairs == "mirror" or cfg.objective.score_baseline == "two_draw"  # rows = 2 x data
+        tokens = sum(x.numel() for x in micro_batches) * dp_size * (2 if paired else 1)
+        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr,
+                                   **({"grad_norm_schedule": schedule_norm} if schedule_norm is not None else {})})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -303,6 +306,16 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     logger.write(f"checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def _schedule_grad_norm(model: nn.Module) -> float | None:
+    """L2 norm of the learned schedule's gradients on this rank (MDM-LS logits, LoMDM scheduler heads), before
+    clipping; None without such parameters or where the engine keeps gradients in its own partitions (ZeRO 2).
+    Logged beside the global norm, so a spike can be told apart: the schedule's score-function term or the net."""
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and is_schedule_parameter(n)]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])).item()
 
 
 def _all_ranks_finite(finite: bool, model: nn.Module, device: torch.device) -> bool:

@@ -60,15 +60,22 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class SchedulerHead(nn.Module):
-    """LoMDM's scheduler head: an MLP on the features plus a learned bias per position, one logit per position."""
+    """LoMDM's scheduler head: optional transformer blocks (as the backbone's), an MLP on the features, and an
+    optional learned bias per position; one logit per position."""
 
-    def __init__(self, hidden: int, head_size: int, max_positions: int) -> None:
+    def __init__(self, hidden: int, head_size: int, max_positions: int, *, layers: int = 0, heads: int = 1,
+                 ffn: int = 0, eps: float = 1e-5, position_bias: bool = True) -> None:
         super().__init__()
+        self.layers = nn.ModuleList(Block(hidden, heads, ffn, eps) for _ in range(layers))
         self.net = nn.Sequential(nn.Linear(hidden, head_size), nn.GELU(), nn.Linear(head_size, 1))
-        self.position_bias = nn.Parameter(torch.zeros(max_positions))
+        self.position_bias = nn.Parameter(torch.zeros(max_positions)) if position_bias else None
 
-    def forward(self, hidden: Tensor) -> Tensor:  # [b, l, h] -> [b, l]
-        return self.net(hidden).squeeze(-1) + self.position_bias[: hidden.shape[1]]
+    def forward(self, hidden: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:  # [b, l, h] -> [b, l]
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attention_mask)
+        logits = self.net(hidden).squeeze(-1)
+        return logits if self.position_bias is None else logits + self.position_bias[: hidden.shape[1]]
 
 
 class MdmDenoiserCore(nn.Module):
@@ -88,8 +95,11 @@ class MdmDenoiserCore(nn.Module):
                                           config["layernorm_epsilon"]) for _ in range(config["num_layers"]))
         self.final_layernorm = nn.LayerNorm(h, eps=config["layernorm_epsilon"])
         self.output_layer = None if config["tie_embeddings"] else nn.Linear(h, config["padded_vocab_size"], bias=False)
-        self.scheduler_heads = nn.ModuleDict({
-            name: SchedulerHead(h, config["scheduler_head_size"], config["max_position_embeddings"])
+        self.scheduler_heads = nn.ModuleDict({  # exports before scheduler layers existed lack the last two keys
+            name: SchedulerHead(h, config["scheduler_head_size"], config["max_position_embeddings"],
+                                layers=config.get("scheduler_layers", 0), heads=config["num_attention_heads"],
+                                ffn=config["ffn_hidden_size"], eps=config["layernorm_epsilon"],
+                                position_bias=config.get("scheduler_position_bias", True))
             for name in config["scheduler_heads"]})
 
     def _time_features(self, t: Tensor) -> Tensor:
@@ -111,15 +121,19 @@ class MdmDenoiserCore(nn.Module):
             if t is None:
                 raise ValueError("this model is time-conditioned: pass t")
             x = x + self._time_features(t)[:, None, :].to(x.dtype)
-        d = self.config["hidden_size"] // self.config["num_attention_heads"]
-        inv = 1.0 / (self.config["rotary_base"] ** (torch.arange(0, d, 2, dtype=torch.float32,
-                                                                  device=tokens.device) / d))
-        angles = torch.outer(torch.arange(l, device=tokens.device, dtype=torch.float32), inv)
-        emb = torch.cat([angles, angles], dim=-1)  # [l, d]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self._rotary(l, x)
         for layer in self.layers:
             x = layer(x, cos, sin, attention_mask)
         return self.final_layernorm(x)
+
+    def _rotary(self, l: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin [l, head_dim] of the rotary embedding (non-interleaved halves)."""
+        d = self.config["hidden_size"] // self.config["num_attention_heads"]
+        inv = 1.0 / (self.config["rotary_base"] ** (torch.arange(0, d, 2, dtype=torch.float32,
+                                                                  device=like.device) / d))
+        angles = torch.outer(torch.arange(l, device=like.device, dtype=torch.float32), inv)
+        emb = torch.cat([angles, angles], dim=-1)  # [l, d]
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
 
     def logits(self, tokens: Tensor, t: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """[b, l, vocab_size] logits over the real vocabulary (the mask token is not a class)."""
@@ -127,9 +141,12 @@ class MdmDenoiserCore(nn.Module):
         weight = self.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
         return hidden @ weight[: self.vocab_size].t()
 
-    def scheduler_logits(self, name: str, hidden: Tensor) -> Tensor:
-        """[b, l] logits of a scheduler head (LoMDM's forward/backward schedulers) from features."""
-        return self.scheduler_heads[name](hidden.float())
+    def scheduler_logits(self, name: str, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """[b, l] logits of a scheduler head (LoMDM's forward/backward schedulers) from features [b, l, h];
+        attention_mask as in `forward`, for heads with transformer blocks."""
+        hidden = hidden.float()
+        cos, sin = self._rotary(hidden.shape[1], hidden)
+        return self.scheduler_heads[name](hidden, cos, sin, attention_mask)
 
 
 def load_plain(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MdmDenoiserCore:
@@ -165,7 +182,9 @@ if PreTrainedModel is not None:
                     "padded_vocab_size", "mask_token_id", "layernorm_epsilon", "rotary_base", "tie_embeddings",
                     "time_conditioning", "time_frequencies", "scheduler_heads", "scheduler_head_size",
                     "max_position_embeddings")
-            self.denoiser = MdmDenoiserCore({k: getattr(config, k) for k in keys})
+            optional = {"scheduler_layers": 0, "scheduler_position_bias": True}  # absent from older exports
+            self.denoiser = MdmDenoiserCore({**{k: getattr(config, k) for k in keys},
+                                             **{k: getattr(config, k, v) for k, v in optional.items()}})
 
         def _init_weights(self, module: nn.Module) -> None:  # weights always come from the checkpoint
             pass

@@ -107,13 +107,19 @@ def normalized_exponents(logits: Tensor, min_exponent: float, exponent_range: fl
                          max_log_exponent: float = 12.0) -> Tensor:
     """Exponents from free logits v (over the last dim), centred: c = v - mean_j v_j.
 
-    linear: w_i = c1 + c2 * NormSig(v)_i = c1 + c2 * sigmoid(c_i); w = c1 + c2/2 at v = 0, which is MDLM's w = 1
-    for the default c1 = 0.25, c2 = 1.5. Bounded away from 0, as the time form's variance needs (w > time_power).
+    linear: w_i = c1 + c2 * sigmoid(c_i); w = c1 + c2/2 at v = 0, which is MDLM's w = 1 for the default
+    c1 = 0.25, c2 = 1.5. Bounded away from 0, as the time form's variance needs (w > time_power).
     log: log w_i = R tanh(c_i / R), R = max_log_exponent; w = 1 at v = 0. Ratios up to e^(2R): sharp orders
     (P(i before j) = w_i / (w_i + w_j)); only the order form can train it (docs/objective.md, section 4c).
+    normsig (the LoMDM paper's): w_i = c1 + c2 * NormSig(v)_i, NormSig(v)_i = sigmoid(v_i) - mean_j sigmoid(v_j):
+    the mean exponent of every sequence is c1 (w = c1 at v = 0); NormSig_i lies in (-(1 - 1/L), 1 - 1/L), so
+    c1 > c2 keeps every w_i > 0. Here the sigmoids are centred, not the logits.
 
     Centring removes the one direction that only rescales time for every position at once.
     """
+    if family == "normsig":
+        gates = torch.sigmoid(logits)
+        return min_exponent + exponent_range * (gates - gates.mean(dim=-1, keepdim=True))
     centred = logits - logits.mean(dim=-1, keepdim=True)
     if family == "log":
         return torch.exp(max_log_exponent * torch.tanh(centred / max_log_exponent))

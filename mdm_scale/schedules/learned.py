@@ -20,7 +20,8 @@ class LearnedPositionSchedule(Schedule):
     Args:
         max_seq_len: number of position logits; sequences may be shorter (the first l are used).
         min_exponent, exponent_range: c1 and c2 of the linear family, w_i = c1 + c2 * NormSig(v)_i.
-        family: linear | log (log w_i = R tanh(centred v_i / R), sharp orders; needs the order estimator).
+        family: linear | log (log w_i = R tanh(centred v_i / R), sharp orders; needs the order estimator) |
+            normsig (the LoMDM paper's c1 + c2 * (sigmoid(v_i) - mean_j sigmoid(v_j)), mean exponent c1).
         max_log_exponent: R of the log family.
     """
 

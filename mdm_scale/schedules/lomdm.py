@@ -1,6 +1,7 @@
 """LoMDM: state-dependent exponents w_i(x) from a forward scheduler on clean-x features (arXiv 2602.02112).
 
-w_i = c1 + c2 * NormSig(g_phi(f(x)))_i, alpha_i(t | x) = 1 - t^{w_i}. The logits g_phi(f(x)) come from the
+w_i(x) from g_phi(f(x)) by one of the exponent families of `normalized_exponents` (the paper's: w_i =
+c1 + c2 * NormSig(g_phi(f(x)))_i), alpha_i(t | x) = 1 - t^{w_i}. The logits g_phi(f(x)) come from the
 denoiser's forward-scheduler head (it shares the backbone, so it lives in the megatron model; see objective.py
 for the passes). At sampling x is unknown: the backward scheduler predicts w_hat_i from (z_t, t) and positions
 are revealed with probability 1 - (s/t)^{w_hat_i}; the sampler passes those logits here.
@@ -39,7 +40,10 @@ class StateDependentSchedule(Schedule):
                                     self.max_log_exponent)
 
     def backward_exponents(self, backward_logits: Tensor) -> Tensor:
-        """The backward scheduler's w_hat: same range, no centring (it must be able to match any w)."""
+        """The backward scheduler's w_hat: same range, no centring (it must be able to match any w). The normsig
+        family (the paper's) uses the forward form, NormSig included: w_hat has mean c1 over the row too."""
+        if self.family == "normsig":
+            return normalized_exponents(backward_logits, self.min_exponent, self.exponent_range, self.family)
         if self.family == "log":
             return torch.exp(self.max_log_exponent * torch.tanh(backward_logits / self.max_log_exponent))
         return self.min_exponent + self.exponent_range * torch.sigmoid(backward_logits)

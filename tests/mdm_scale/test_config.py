@@ -21,7 +21,7 @@ def test_shipped_configs_load(name):
 
 
 @pytest.mark.parametrize("objective,kind", [("mdlm", "loglinear"), ("ar", "left_to_right"), ("block", "block"),
-                                            ("mdm_ls", "mdm_ls"), ("lomdm", "lomdm")])
+                                            ("mdm_ls", "mdm_ls"), ("lomdm", "lomdm"), ("lomdm_paper", "lomdm")])
 def test_objective_preset_switches_schedule(objective, kind):
     assert load_config("tiny", [f"objective={objective}"]).objective.schedule.kind == kind
 
@@ -42,7 +42,7 @@ def test_mistyped_value_names_the_key():
 
 
 def test_unknown_preset_lists_the_available_ones():
-    with pytest.raises(ConfigError, match="available: ar, block, lomdm, mdlm, mdm_ls"):
+    with pytest.raises(ConfigError, match="available: ar, block, lomdm, lomdm_paper, mdlm, mdm_ls"):
         load_config("tiny", ["objective=gpt"])
 
 

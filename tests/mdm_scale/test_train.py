@@ -19,7 +19,7 @@ def _cfg(tmp_path, name, *extra):
     return load_config("tiny", [*FAST, f"run_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-@pytest.mark.parametrize("objective", ["mdlm", "ar", "block", "mdm_ls", "lomdm"])
+@pytest.mark.parametrize("objective", ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm_paper"])
 def test_every_objective_trains_tiny(dims, tmp_path, objective):
     result = train(_cfg(tmp_path, objective, f"objective={objective}", "train.steps=4", "objective.schedule.block_size=8"
                         if objective == "block" else "train.seed=0"))
@@ -192,3 +192,18 @@ def test_triton_kernels_train_exactly_like_the_torch_kernels(tmp_path):
     assert interpreted.returncode == 0, interpreted.stderr[-3000:]
     torch_losses, triton_losses = losses("torch"), losses("triton")
     assert len(torch_losses) == 2 and triton_losses == pytest.approx(torch_losses, rel=1e-5)
+
+
+def test_schedule_gradient_norm_is_logged_for_learned_schedules_only(dims, tmp_path):
+    """train/grad_norm_schedule (the learned schedule's share of the gradient, before clipping) tells a spike of
+    the score-function term apart from one of the network: present for mdm_ls, absent for mdlm, <= the total."""
+    from mdm_scale.metrics import read_metrics
+
+    for objective in ("mdm_ls", "mdlm"):
+        train(_cfg(tmp_path, objective, f"objective={objective}", "train.steps=2", "logging.log_every=1",
+                   "sampling.num_samples=0"))
+        rows = [r for r in read_metrics(tmp_path / objective) if "train/loss" in r]
+        has = ["train/grad_norm_schedule" in r for r in rows]
+        assert has == [objective == "mdm_ls"] * 2, rows
+        if objective == "mdm_ls":
+            assert all(0 < r["train/grad_norm_schedule"] <= r["train/grad_norm"] * (1 + 1e-6) for r in rows), rows

@@ -9,7 +9,8 @@ from parallel.consolidate import consolidate
 from tests.parallel import pipeline_workers, workers
 from tests.spawn import run_ranks
 
-OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm+documents"]  # +documents: packed, masked
+OBJECTIVES = ["mdlm", "ar", "block", "mdm_ls", "lomdm", "lomdm+documents",  # +documents: packed, masked
+              "lomdm_paper+documents"]  # scheduler transformer layers, two draws per sequence
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,27 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The TP = 1 shape of a (possibly tensor-parallel) parameter."""
+    from megatron.core import parallel_state
+
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of `full` (the TP = 1 tensor) for `param`: every layout then holds the same values
+    (LoMDM-paper schedulers have TP-split transformer layers)."""
+    from megatron.core import parallel_state
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    parts = full.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=param.partition_dim)
+    return parts[parallel_state.get_tensor_model_parallel_rank()]
+
+
 def nelbo_gradients(rank: int, objectives: list[str], tensor_parallel: int) -> dict:
     """{objective: loss and full gradients of one training estimate on a fixed batch with fixed noise}."""
     return {objective: _nelbo_gradients(objective, tensor_parallel) for objective in objectives}
@@ -57,7 +78,7 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
         g = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
             if "scheduler_heads" in name or "position_logits" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(shard_of(torch.randn(full_shape(p), generator=g) * 0.5, p))
     x0 = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(2))
     terms = training_nelbo(model["denoiser"], model["schedule"], x0, cfg.objective, torch.Generator().manual_seed(3),
                            document_ids=packed_documents(8, 16) if documents else None)
@@ -67,7 +88,8 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
         if p.grad is not None and getattr(p, "tensor_model_parallel", False):
             p.grad.tensor_model_parallel, p.grad.partition_dim = True, p.partition_dim
             grads[n] = full_tensor(p.grad)
-    return {"loss": terms.loss.item(), "nelbo": terms.nelbo.item(), "grads": grads}
+    local_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # this rank's shard of each parameter
+    return {"loss": terms.loss.item(), "nelbo": terms.nelbo.item(), "grads": grads, "local_shapes": local_shapes}
 
 
 def train_run(rank: int, overrides: list[str]) -> dict:
