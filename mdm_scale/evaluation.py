@@ -115,8 +115,12 @@ def exact_ar_nll(denoiser: Denoiser, schedule: Schedule, x0: Tensor) -> Tensor:
 
 def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: str | None = None,
                         time_samples: int = 16, max_batches: int | None = None, seed: int = 1234,
-                        exact_ar: bool = True) -> dict[str, float]:
-    """Held-out NELBO of a checkpoint over `split`, data-parallel over the launched ranks (see module doc)."""
+                        exact_ar: bool = True, estimator: str | None = None) -> dict[str, float]:
+    """Held-out NELBO of a checkpoint over `split`, data-parallel over the launched ranks (see module doc).
+
+    estimator: None = the run's own; "order" = the order form with t_min = 0, unbiased for any polynomial-family
+    schedule (learned w < 1 lose a fraction t_min^w of their loss under the time form's truncation: 5b of
+    docs/objective.md), "time" = the time form with the run's t_min."""
     import torch.distributed as dist
 
     from data_pipeline.datasets import open_split, remote_cache_root
@@ -125,6 +129,11 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
 
     cfg, tokenizer, model, dims = load_for_inference(checkpoint)
     denoiser, schedule = model["denoiser"], model["schedule"]
+    objective = cfg.objective
+    if estimator == "order":
+        objective = replace(objective, estimator="order", t_min=0.0, time_power=1.0, t_sampler="antithetic")
+    elif estimator is not None:
+        objective = replace(objective, estimator=estimator)
     remote = None if data_path else (cfg.data.remote or None)
     if data_path:
         root = Path(data_path).expanduser()
@@ -145,7 +154,7 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     ar = exact_ar and isinstance(schedule, BlockSchedule) and schedule.block_size == 1
     for k in range(dims.rank, n, dims.world_size):
         batch = batches.batch_at(0, k * batches.batch_size * batches.world_size)
-        metrics = evaluate_nelbo(denoiser, schedule, [batch], cfg.objective, time_samples=time_samples,
+        metrics = evaluate_nelbo(denoiser, schedule, [batch], objective, time_samples=time_samples,
                                  seed=seed * 1_000_003 + k, device=dims.device)
         total, draws = metrics["nelbo"] * metrics["tokens"], metrics["tokens"]
         sums[0] += total
@@ -181,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="all", help="how many batches of the split ('all' = one full pass)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-exact-ar", action="store_true", help="skip the exact NLL of autoregressive checkpoints")
+    p.add_argument("--estimator", default=None, choices=("time", "order"),
+                   help="default: the run's; order = the order form at t_min 0 (unbiased for polynomial-family "
+                        "schedules, learned ones included)")
     args = p.parse_args(argv)
     out = evaluate_checkpoint(args.checkpoint, split=args.split, data_path=args.data_path,
                               time_samples=args.time_samples, seed=args.seed, exact_ar=not args.no_exact_ar,
-                              max_batches=None if args.batches == "all" else int(args.batches))
+                              max_batches=None if args.batches == "all" else int(args.batches),
+                              estimator=args.estimator)
     if int(os.environ.get("RANK", "0")) == 0:
         line = (f"{args.split}: NELBO {out['nelbo']:.4f} +- {out['nelbo_stderr']:.4f} (stderr) nats/token, "
                 f"{out['bits_per_token']:.4f} bits/token, "

@@ -48,15 +48,16 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
             "logging.wandb=false", "logging.progress=false", "train.eval_batches=1", "train.eval_every=2",
             "sampling.num_samples=0", "train.steps=4", "optimizer.warmup_steps=1"]
     runs = tmp_path / "runs"
-    for objective in ("mdlm", "ar", "lomdm"):
+    for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
     result = char_lm.report(runs, tmp_path / "out", batches=1, time_samples=1, nfe=(4,), num_samples=2,
                             exact_windows=2)
     summary = result["summary"]
-    assert set(summary) == {"mdlm", "ar", "lomdm"}
+    assert set(summary) == {"mdlm", "ar", "lomdm_paper"}
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
     assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
     assert all(math.isfinite(row["generation_bits_per_byte"]["4"]) for row in summary.values())
-    lomdm = next(r for r in result["runs"] if r["objective"] == "lomdm")
+    assert math.isfinite(summary["lomdm_paper"]["order_form_bits_per_byte"][0])  # the unbiased form too
+    lomdm = next(r for r in result["runs"] if r["objective"] == "lomdm_paper")
     assert len(lomdm["order"]["mean_reveal_time"]) == 32 and lomdm["confidence"]["sequences"] > 0
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()

@@ -122,3 +122,16 @@ def test_evaluating_a_run_directory_names_its_newest_checkpoint(dims, ar_checkpo
     assert main([str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint directory" in err and f"newest checkpoint is {ar_checkpoint}" in err
+
+
+def test_order_form_evaluation_of_a_univariate_polynomial_run_matches_its_time_form(dims, tmp_path):
+    """estimator="order" (t_min 0) and the time form estimate the same NELBO for a polynomial schedule with
+    w = 1 (the time form's t_min truncation costs t_min^1 = 1e-3 of it): equal within their standard errors."""
+    cfg = load_config("tiny", [*FAST, "objective.schedule.kind=polynomial", "train.steps=20",
+                               f"run_dir={tmp_path / 'poly'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    checkpoint = train(cfg).checkpoint
+    time_form = evaluate_checkpoint(checkpoint, max_batches=8, time_samples=8)
+    order_form = evaluate_checkpoint(checkpoint, max_batches=8, time_samples=8, estimator="order")
+    gap = abs(time_form["nelbo"] - order_form["nelbo"])
+    assert gap < 4 * math.hypot(time_form["nelbo_stderr"], order_form["nelbo_stderr"]), (time_form, order_form)
+    assert order_form["nelbo"] != time_form["nelbo"]  # a different estimator really ran
