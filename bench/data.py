@@ -57,7 +57,7 @@ def loader_rate(root: Path, seq_len: int, batch_size: int, workers: int, n: int 
 def trainer_rate(config: str, micro_batch: int, seq_len: int, steps: int = 3) -> float:
     from mdm_scale.config import load_config
     from mdm_scale.objective import training_nelbo
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.distributed import init_distributed
 
     dims = init_distributed(device="cpu")

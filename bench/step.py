@@ -131,7 +131,8 @@ def build_our_step(cfg, vocab_size: int, dims, dtype: str) -> tuple[Callable, to
     from megatron.core import parallel_state
 
     from mdm_scale.objective import training_nelbo
-    from mdm_scale.train import build_model, build_training_engine
+    from mdm_scale.model import build_model
+    from mdm_scale.train import build_training_engine
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab_size, dims)

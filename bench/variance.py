@@ -83,8 +83,8 @@ def trained_checkpoint(objective: str, args) -> Path:
 
 def models(objective: str, args):
     """(label, cfg, model) at the initial and at the trained parameters."""
-    from mdm_scale.export import load_for_inference
-    from mdm_scale.train import build_model
+    from mdm_scale.model import load_for_inference
+    from mdm_scale.model import build_model
 
     cfg, tokenizer, trained, dims = load_for_inference(trained_checkpoint(objective, args))
     torch.manual_seed(cfg.train.seed)  # the initialisation train() starts from

@@ -186,7 +186,7 @@ def confidence_agreement(checkpoint: Path, x, t: float = 0.5, seed: int = 0) -> 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import spearman
 
-    from mdm_scale.export import load_for_inference
+    from mdm_scale.model import load_for_inference
 
     cfg, _, model, _ = load_for_inference(checkpoint)
     denoiser, schedule = model["denoiser"], model["schedule"]
@@ -216,7 +216,7 @@ def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe:
 
     from mdm_scale.config import load_config
     from mdm_scale.evaluation import evaluate_checkpoint, exact_ar_nll
-    from mdm_scale.export import load_for_inference
+    from mdm_scale.model import load_for_inference
     from mdm_scale.sampling import generate, generation_nll, token_entropy
     from parallel.checkpoint import list_checkpoints
 

@@ -157,7 +157,7 @@ def train_run(cfg) -> dict:
 def load_trained(cfg, checkpoint_dir: str | os.PathLike):
     """(denoiser, schedule) of a single-process run's latest checkpoint, in eval mode."""
     from data_pipeline.tokenizer import load_tokenizer
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.checkpoint import latest_checkpoint
     from parallel.consolidate import model_layout, to_local
     from parallel.distributed import init_distributed

@@ -18,15 +18,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from data_pipeline.datasets import split_document_ids
+from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from mdm_scale.cli import expected_errors
 from mdm_scale.config import ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
+from mdm_scale.model import load_for_inference
 from mdm_scale.objective import document_masks, draw_noise, nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo
 from mdm_scale.schedules import Schedule
+from mdm_scale.schedules.block import BlockSchedule
 from mdm_scale.time_sampling import TimeSampler, grid_times
 
 
@@ -121,12 +124,6 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     estimator: None = the run's own; "order" = the order form with t_min = 0, unbiased for any polynomial-family
     schedule (learned w < 1 lose a fraction t_min^w of their loss under the time form's truncation: 5b of
     docs/objective.md), "time" = the time form with the run's t_min."""
-    import torch.distributed as dist
-
-    from data_pipeline.datasets import open_split, remote_cache_root
-    from mdm_scale.export import load_for_inference
-    from mdm_scale.schedules.block import BlockSchedule
-
     cfg, tokenizer, model, dims = load_for_inference(checkpoint)
     denoiser, schedule = model["denoiser"], model["schedule"]
     objective = cfg.objective
@@ -140,8 +137,6 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     elif remote:
         root = remote_cache_root(remote, Path(cfg.data.cache_dir).expanduser())
     else:
-        from data_pipeline.datasets import embedded_corpus_shards
-
         root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len,
                                       Path(cfg.data.cache_dir).expanduser())
     batches = open_split(root, split, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.micro_batch_size,

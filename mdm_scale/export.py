@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from data_pipeline.tokenizer import Gpt2Tokenizer, gpt2_data_dir, load_tokenizer
 from mdm_scale.cli import expected_errors
-from mdm_scale.config import RunConfig, load_config
-from parallel.checkpoint import MANIFEST, CheckpointError, list_checkpoints
+from mdm_scale.config import RunConfig
+from mdm_scale.model import load_for_inference, run_config_of  # noqa: F401 (load_for_inference: re-export)
 from parallel.consolidate import consolidate
 
 MODELING_FILE = Path(__file__).parent / "export_files" / "modeling_mdm.py"
@@ -64,36 +64,6 @@ def export_name(name: str) -> str | None:
         if re.fullmatch(pattern, name):
             return None if target is None else re.sub(pattern, target, name)
     raise ValueError(f"no export name for training tensor {name!r}")
-
-
-def run_config_of(checkpoint: Path) -> RunConfig:
-    """The resolved config a run wrote next to its checkpoints (<run_dir>/config.yaml)."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / MANIFEST).exists():
-        newest = list_checkpoints(checkpoint / "checkpoints") or list_checkpoints(checkpoint)
-        hint = f"; its newest checkpoint is {newest[-1]}" if newest else ""
-        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (no {MANIFEST}){hint}")
-    path = checkpoint.parent.parent / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the run's config.yaml is missing (a checkpoint is read with the config "
-                                f"of the run that wrote it, in <run_dir>/config.yaml)")
-    return load_config(path)
-
-
-def load_for_inference(checkpoint: str | Path):
-    """(run config, tokenizer, model ModuleDict{denoiser, schedule} in eval mode, ParallelDims): the checkpoint's
-    weights consolidated into one full model on this rank (TP = PP = 1), for evaluation and sampling."""
-    from mdm_scale.train import build_model
-    from parallel.consolidate import model_layout, to_local
-    from parallel.distributed import init_distributed
-
-    cfg = run_config_of(Path(checkpoint))
-    cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
-    dims = init_distributed(device=cfg.train.device, seed=cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg, tokenizer.vocab_size, dims)
-    model.load_state_dict(to_local(consolidate(checkpoint), model_layout(model)))
-    return cfg, tokenizer, model.eval(), dims
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, cfg: RunConfig | None = None,

@@ -33,7 +33,10 @@ from torch import Tensor
 from mdm_scale.cli import expected_errors
 from mdm_scale.config import EB_PROXIES, POLICIES
 from mdm_scale.denoiser import Denoiser
+from mdm_scale.evaluation import exact_ar_nll
+from mdm_scale.model import load_for_inference
 from mdm_scale.schedules import Schedule
+from mdm_scale.schedules.block import BlockSchedule
 
 TUNED_FILE = "tuned_schedule.json"
 
@@ -291,9 +294,6 @@ class ArScorer:
 
 def load_scorer(checkpoint: str | Path) -> ArScorer:
     """Load an autoregressive (left-to-right or right-to-left, block size 1) checkpoint for `generation_nll`."""
-    from mdm_scale.export import load_for_inference
-    from mdm_scale.schedules.block import BlockSchedule
-
     cfg, tokenizer, model, dims = load_for_inference(checkpoint)
     schedule = model["schedule"]
     if not (isinstance(schedule, BlockSchedule) and schedule.block_size == 1):
@@ -307,8 +307,6 @@ def generation_nll(tokens: Tensor, scorer: ArScorer, tokenizer=None) -> dict[str
     """Mean NLL per token (nats) of [b, l] generated ids under the AR scorer (exact causal likelihood, one batched
     pass of l copies per sequence) and its perplexity exp(NLL). `tokenizer`: the generator's, checked against the
     scorer's."""
-    from mdm_scale.evaluation import exact_ar_nll
-
     if tokenizer is not None and tokenizer.fingerprint() != scorer.tokenizer.fingerprint():
         raise ValueError(f"the scorer {scorer.checkpoint} uses another tokenizer than the sampled model")
     if tokens.shape[1] > scorer.denoiser.max_seq_len:
@@ -341,8 +339,6 @@ def read_tuned(checkpoint: str | Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import time
-
-    from mdm_scale.export import load_for_inference
 
     p = argparse.ArgumentParser(prog="python -m mdm_scale.sampling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,16 +20,15 @@ from torch import nn
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
 from mdm_scale.config import RunConfig, check_layout
-from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import evaluate_nelbo
-from mdm_scale.kernels import resolve_backend
 from mdm_scale.metrics import MetricsLogger
+from mdm_scale.model import build_model
 from mdm_scale.objective import training_nelbo
 from mdm_scale.pipeline import last_stage_mean, pipeline_nelbo, sync_pipeline_replicas
 from mdm_scale.preemption import StopRequest
 from mdm_scale.run_directory import claim_run_directory
 from mdm_scale.sampling import generate, sampler_options
-from mdm_scale.schedules import build_schedule, is_schedule_parameter
+from mdm_scale.schedules import is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint, save_checkpoint
 from parallel.consolidate import model_layout, partition_dims, to_global, to_local
@@ -58,39 +57,6 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.ModuleDict:
-    """Denoiser (with LoMDM's scheduler heads when needed) and schedule, in one module for the optimizer.
-
-    With PP > 1 the full model is initialised first and each stage keeps its blocks, so every layout starts from
-    the weights PP = 1 would have (megatron would otherwise give each stage the RNG stream of stage 0). This
-    costs one transient full copy per rank at start-up.
-    """
-    resolve_backend(cfg.kernels, dims.device)  # kernels=triton without a GPU (or Triton) fails here, not mid-step
-
-    def build(pipeline_parallel: int) -> nn.ModuleDict:
-        schedule = build_schedule(cfg.objective.schedule, max_seq_len=cfg.data.seq_len)
-        heads = ("forward_scheduler", "backward_scheduler") if schedule.needs_clean_features else ()
-        denoiser = Denoiser(
-            cfg.model, vocab_size=vocab_size, max_seq_len=cfg.data.seq_len, scheduler_heads=heads,
-            scheduler_layers=cfg.objective.schedule.scheduler_layers,
-            scheduler_position_bias=cfg.objective.schedule.scheduler_position_bias,
-            tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
-            on_gpu=dims.device.type == "cuda", kernels=cfg.kernels,
-        )
-        return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
-
-    if dims.pipeline_parallel == 1:
-        return build(1).to(dims.device)
-    rng = torch.get_rng_state()
-    full = build(1)
-    full_state = to_global(full.state_dict(), model_layout(full))
-    del full
-    torch.set_rng_state(rng)
-    stage = build(dims.pipeline_parallel)
-    stage.load_state_dict(to_local(full_state, model_layout(stage)))
-    return stage.to(dims.device)
 
 
 def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):

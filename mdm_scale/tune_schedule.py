@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from mdm_scale.cli import expected_errors
-from mdm_scale.sampling import POLICIES, TUNED_FILE, ArScorer, generate, generation_nll, token_entropy
+from mdm_scale.model import load_for_inference
+from mdm_scale.sampling import (POLICIES, TUNED_FILE, ArScorer, generate, generation_nll, load_scorer,
+                                token_entropy)
 
 COARSE_GRID = (0.5, 1.0, 2.0, 4.0)
 
@@ -77,9 +79,6 @@ def tune_beta(denoiser, schedule, scorer: ArScorer, *, nfe: int, grid: Sequence[
 @expected_errors
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from mdm_scale.export import load_for_inference
-    from mdm_scale.sampling import load_scorer
 
     p = argparse.ArgumentParser(prog="python -m mdm_scale tune-schedule", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

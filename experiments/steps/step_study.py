@@ -112,7 +112,7 @@ def sweep(model_name: str, denoiser, schedule, src, seq_len: int, a) -> list[dic
 # ------------------------------------------------------------------------------------------------- training
 def train_model(src, seq_len: int, a, out: Path):
     """Tiny MDLM on source samples of length seq_len; returns (denoiser, schedule, train record)."""
-    from mdm_scale.export import load_for_inference
+    from mdm_scale.model import load_for_inference
 
     previous = sorted((Path(a.reuse_from or out) / f"run_L{seq_len}" / "checkpoints").glob("step_*"))
     if a.reuse and previous:

@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
 def _training_model(checkpoint):
     """The training denoiser (megatron-core, TP=1) holding the checkpoint's consolidated weights."""
     from mdm_scale.export import run_config_of
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.consolidate import consolidate, model_layout, to_local
     from parallel.distributed import init_distributed
 

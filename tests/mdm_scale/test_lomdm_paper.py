@@ -231,7 +231,7 @@ def test_pipeline_step_equals_the_one_stage_step(dims):
     cfg = load_config("tiny", ["objective=lomdm_paper", "model.num_layers=1", "model.hidden_size=32",
                                "model.num_attention_heads=2", "model.scheduler_head_size=16", "data.seq_len=16",
                                "sampling.num_samples=0"])
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, 97, dims)

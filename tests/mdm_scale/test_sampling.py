@@ -329,7 +329,7 @@ TP_POLICIES = ("ancestral", "confidence", "eb")
 def tp_sample_worker(rank: int, tensor_parallel: int) -> dict:
     """Samples of a LoMDM tiny model (vocabulary split over the TP ranks) for TP_POLICIES, from fixed seeds."""
     from mdm_scale.config import load_config
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.distributed import init_distributed
 
     dims = init_distributed(tensor_parallel=tensor_parallel, device="cpu", seed=0)

@@ -32,7 +32,8 @@ def test_schedule_parameters_train_at_their_own_learning_rate(dims, tmp_path, ob
     """optimizer.schedule_lr_mult: the learned schedule's parameters (MDM-LS logits, LoMDM scheduler heads) form
     the second AdamW group at 10x lr through warm-up and cosine; MDLM has none, so one group."""
     from mdm_scale.schedules import is_schedule_parameter
-    from mdm_scale.train import build_model, build_training_engine
+    from mdm_scale.model import build_model
+    from mdm_scale.train import build_training_engine
 
     cfg = _cfg(tmp_path, objective, f"objective={objective}", "optimizer.schedule_lr_mult=10", "train.steps=10",
                "optimizer.warmup_steps=2")

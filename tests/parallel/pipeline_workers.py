@@ -14,7 +14,7 @@ def pipeline_gradients(rank: int, objectives: list[str], pipeline_parallel: int,
     NELBO step over 4 micro-batches. With `reference` (the PP = 1 result) each stage loads those weights."""
     from mdm_scale.config import load_config
     from mdm_scale.pipeline import pipeline_nelbo
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.consolidate import model_layout
     from parallel.distributed import init_distributed
 

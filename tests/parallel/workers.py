@@ -66,7 +66,7 @@ def packed_documents(batch_size: int, seq_len: int) -> torch.Tensor:
 def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
     from mdm_scale.config import load_config
     from mdm_scale.objective import training_nelbo
-    from mdm_scale.train import build_model
+    from mdm_scale.model import build_model
     from parallel.distributed import init_distributed
 
     dims = init_distributed(tensor_parallel=tensor_parallel, device="cpu", seed=0)
@@ -99,7 +99,8 @@ def train_run(rank: int, overrides: list[str]) -> dict:
 
     from mdm_scale.config import load_config
     from mdm_scale.metrics import read_metrics
-    from mdm_scale.train import build_model, train
+    from mdm_scale.model import build_model
+    from mdm_scale.train import train
     from parallel.checkpoint import load_checkpoint
     from parallel.consolidate import model_layout, to_local
     from parallel.distributed import init_distributed
