@@ -161,10 +161,16 @@ def objective_overrides(spec: str, s: Settings) -> list[str]:
     base, baseline = parse_objective(spec)
     if base in CONTROL_OVERRIDES:
         return list(CONTROL_OVERRIDES[base])
+    # The fixed orders are references for the learned ones, so they keep the same bidirectional denoiser (the
+    # masked-diffusion form of a fixed order), not objective=ar's causal teacher forcing.
+    masked_diffusion = ["objective=ar", "objective.causal=false"]
+    if base == "ar":
+        return masked_diffusion
     if base == "right_to_left":
-        return ["objective=ar", "objective.schedule.kind=right_to_left"]
+        return masked_diffusion + ["objective.schedule.kind=right_to_left"]
     if base == "fixed":
-        return ["objective=ar", "objective.schedule.kind=fixed_order", f"objective.schedule.order=[{baseline.replace('.', ',')}]"]
+        return masked_diffusion + ["objective.schedule.kind=fixed_order",
+                                   f"objective.schedule.order=[{baseline.replace('.', ',')}]"]
     out = [f"objective={base}"]
     if base in LEARNED:
         out.append(f"objective.schedule.exponent_range={s.exponent_range}")

@@ -210,6 +210,11 @@ class ObjectiveConfig:
     two_draw (the LoMDM paper's Eq. 8: every sequence twice at one t with independent masks, each row's baseline
     its partner's loss; a pair is two rows, so for equal tokens halve the batch size; learned schedules only,
     with mask_pairs=independent)."""
+    causal: bool = False
+    """left_to_right only: a causal denoiser that reads z_t one slot to the right, so its output at position i
+    depends on positions < i only, trained on all L slices of the order in one pass (teacher forcing): the
+    standard autoregressive language model, the same NELBO with zero variance over t (docs/objective.md, 2b).
+    False: the bidirectional denoiser at one slice per sequence and step (autoregression as a masked diffusion)."""
 
     def __post_init__(self) -> None:
         _choice(self.t_sampler, "objective.t_sampler", T_SAMPLERS)
@@ -237,6 +242,12 @@ class ObjectiveConfig:
                      f"objective.estimator=order draws the step fraction on (0, 1] and needs objective.t_min=0 and "
                      f"objective.time_power=1 (got {self.t_min:g} and {self.time_power:g}: steps below t_min would "
                      f"never be drawn, a biased NELBO)")
+        if self.causal:  # the shifted causal pass is every slice of the left-to-right order at once
+            _require(self.schedule.kind == "left_to_right" and self.estimator == "time"
+                     and self.mask_pairs == "independent",
+                     f"objective.causal=true trains the left-to-right order by teacher forcing and needs "
+                     f"objective.schedule.kind=left_to_right, estimator=time and mask_pairs=independent (got "
+                     f"{self.schedule.kind}, {self.estimator}, {self.mask_pairs})")
 
 
 @dataclass
@@ -459,6 +470,8 @@ class RunConfig:
         _require(self.sampling.seq_len <= self.data.seq_len or self.sampling.num_samples == 0,
                  f"sampling.seq_len {self.sampling.seq_len} exceeds data.seq_len {self.data.seq_len} (the "
                  f"denoiser's positions); lower it or set sampling.num_samples=0")
+        _require(not (self.objective.causal and self.model.time_conditioning),
+                 "objective.causal=true sees no time (every slice in one pass): set model.time_conditioning=false")
         if self.objective.schedule.kind == "fixed_order":
             _require(len(self.objective.schedule.order) == self.data.seq_len,
                      f"objective.schedule.order has {len(self.objective.schedule.order)} positions, data.seq_len is "

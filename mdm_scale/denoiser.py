@@ -128,7 +128,7 @@ class SchedulerHead(nn.Module):
 
 
 class Denoiser(MegatronModule):
-    """Bidirectional transformer denoiser.
+    """Transformer denoiser, bidirectional (or causal over its shifted input: `causal`).
 
     Args:
         cfg: model sizes.
@@ -142,6 +142,8 @@ class Denoiser(MegatronModule):
             stage the embedding and the last stage the final norm, output head and scheduler heads.
         on_gpu: enable fused kernels / Transformer Engine where available.
         kernels: the loss head's kernels, "auto" | "triton" | "torch" (mdm_scale/kernels).
+        causal: causal attention over the input shifted one slot right (slot 0 holds the mask id), so output i
+            is a function of z_t^(<i) only: the left-to-right denoiser of every slice at once (objective.causal).
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
@@ -214,6 +216,11 @@ class Denoiser(MegatronModule):
         if l > self.max_seq_len:
             raise ValueError(f"sequence length {l} exceeds the model's max_seq_len {self.max_seq_len}")
         hidden = None  # later pipeline stages take theirs from set_input_tensor
+        if self.causal and attention_mask is not None:  # megatron's causal softmax would drop the causal mask
+            raise ValueError("a causal denoiser takes no attention mask (document packing is not supported with "
+                             "objective.causal=true)")
+        if self.pre_process and self.causal:  # slot i reads z_t^(i-1) (slot 0 the mask id): output i sees z_t^(<i)
+            tokens = torch.cat([torch.full_like(tokens[:, :1], self.mask_id), tokens[:, :-1]], dim=1)
         if self.pre_process:
             positions = torch.arange(l, device=tokens.device)[None, :].expand(b, -1)
             hidden = self.embedding(input_ids=tokens, position_ids=positions)  # [l, b, h]

@@ -58,6 +58,8 @@ def evaluate_nelbo(
     # One row per sequence (no MIRROR or two-draw pairs: evaluation needs no score-function baseline).
     cfg = replace(cfg, velocity_weight=1.0, mask_pairs="independent", score_baseline="rloo",
                   t_sampler=sampler.t_sampler)
+    if denoiser.causal:  # every slice of the order in one pass: each time sample gives the same exact value
+        time_samples = 1
     total, count = 0.0, 0
     for batch in batches:
         x0, document_ids = (None if x is None else x.to(device) for x in split_document_ids(batch))
@@ -104,8 +106,13 @@ def _summary(total: float, count: int) -> dict[str, float]:
 def exact_ar_nll(denoiser: Denoiser, schedule: Schedule, x0: Tensor) -> Tensor:
     """[b] exact NLL (nats) of each sequence under a left-to-right / right-to-left schedule: one time in each
     position's slice (`grid_times`), which the Rao-Blackwellised estimator turns into the causal likelihood
-    (tests/mdm_scale/test_objective.py::test_left_to_right_schedule_equals_causal_nll). l passes per batch."""
+    (tests/mdm_scale/test_objective.py::test_left_to_right_schedule_equals_causal_nll). l passes per sequence; one
+    per batch for a causal denoiser (objective.causal)."""
     b, l = x0.shape
+    if denoiser.causal:  # every slice in one pass (teacher forcing): the per-sequence sum of the causal NLLs
+        ones = torch.ones(b, dtype=torch.float64, device=x0.device)
+        return nelbo(denoiser, schedule, x0, ones, ones, torch.zeros(b, l, dtype=torch.float64, device=x0.device),
+                     score_function=False).per_sequence.double()
     t, t_weight = grid_times(l)
     out = torch.zeros(b, dtype=torch.float64, device=x0.device)
     uniforms = torch.zeros(l, l, dtype=torch.float64, device=x0.device)  # unused by the deterministic order

@@ -39,7 +39,7 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
             scheduler_layers=cfg.objective.schedule.scheduler_layers,
             scheduler_position_bias=cfg.objective.schedule.scheduler_position_bias,
             tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
-            on_gpu=dims.device.type == "cuda", kernels=cfg.kernels,
+            on_gpu=dims.device.type == "cuda", kernels=cfg.kernels, causal=cfg.objective.causal,
         )
         return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
 

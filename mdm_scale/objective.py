@@ -21,6 +21,7 @@ from mdm_scale.config import ESTIMATORS, LEARNED_KINDS, MASK_PAIRS, SCORE_BASELI
 from mdm_scale.denoiser import Denoiser, document_attention_mask
 from mdm_scale.schedules import Masking, Schedule
 from mdm_scale.schedules.base import order_masking
+from mdm_scale.schedules.block import BlockSchedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
 from mdm_scale.time_sampling import TimeSampler
 
@@ -171,7 +172,18 @@ def apply_noise(denoiser: Denoiser, schedule: Schedule, x0: Tensor, t: Tensor, t
     """Mask x0. Time form: at times t, z_t^i = m iff u_i < 1 - alpha_i(t). Order form: t is the step fraction
     and the same uniforms race to a generation order (`schedules.base.order_masking`); the batch's t becomes the
     time of the next reveal. `forward_logits` are LoMDM's forward-scheduler logits (their gradients reach phi
-    through the weights and log-probabilities of the masking)."""
+    through the weights and log-probabilities of the masking).
+
+    A causal denoiser (objective.causal) reads position i's slice of the left-to-right order, z_t = (x^(<i), m...),
+    from x0 itself: its output i sees only x^(<i). So every position is the active one at once, with weight 1: the
+    Rao-Blackwellised estimator averaged over all L slices (K NLL_i / K each), exactly the causal NLL."""
+    if denoiser.causal:
+        if not isinstance(schedule, BlockSchedule) or schedule.block_size != 1 or schedule.reverse \
+                or schedule.order is not None:
+            raise ValueError("a causal denoiser needs the left_to_right schedule (objective.causal)")
+        ones = torch.ones(x0.shape, dtype=torch.float32, device=x0.device)
+        masking = Masking(mask_prob=ones, weight=ones)
+        return NoisedBatch(x0, torch.ones_like(t), torch.ones_like(t_weight), masking, ones.bool(), x0)
     if estimator == "order":
         masking = order_masking(schedule.polynomial_exponents(x0.shape[1], forward_logits), t, uniforms)
         masked, t = masking.masked, masking.time

@@ -85,7 +85,9 @@ def test_skewed_sources_follow_their_law_and_set_the_floor(so, task):
 
 def test_objective_specs(so):
     s = so.Settings()
-    assert so.objective_overrides("right_to_left", s) == ["objective=ar", "objective.schedule.kind=right_to_left"]
+    assert so.objective_overrides("right_to_left", s) == ["objective=ar", "objective.causal=false",
+                                                          "objective.schedule.kind=right_to_left"]
+    assert so.objective_overrides("ar", s) == ["objective=ar", "objective.causal=false"]  # same denoiser as the rest
     assert "objective.score_baseline=time_binned" in so.objective_overrides("mdm_ls:time_binned", s)
     assert so.objective_overrides("fixed:2.0.1", s)[-1] == "objective.schedule.order=[2,0,1]"
     assert "objective.estimator=order" in so.objective_overrides("mdlm_order", s)

@@ -30,7 +30,7 @@ def _cfg(tmp_path, *extra):
 def test_changed_objective_is_refused_and_config_yaml_kept(dims, tmp_path):
     train(_cfg(tmp_path, "train.stop_at=2"))
     recorded = (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(RunDirError, match=r"belongs to another run: objective\.schedule\.kind 'loglinear' -> "
+    with pytest.raises(RunDirError, match=r"belongs to another run: objective\.causal False -> True, objective\.schedule\.kind 'loglinear' -> "
                                           r"'left_to_right'.*use a new run_dir"):
         train(_cfg(tmp_path, "objective=ar"))
     with pytest.raises(RunDirError, match=r"model\.hidden_size 32 -> 64"):
