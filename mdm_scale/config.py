@@ -31,6 +31,7 @@ SCHEDULE_KINDS = ("loglinear", "cosine", "polynomial", "left_to_right", "right_t
 UNIVARIATE_KINDS = ("loglinear", "cosine", "polynomial")
 EXPONENT_FAMILIES = ("linear", "log", "normsig")
 ESTIMATORS = ("time", "order")
+RECOMPUTE_CHOICES = ("none", "selective", "full")
 T_SAMPLERS = ("uniform", "antithetic", "p_pots")
 P_POTS_STATISTICS = ("sequence", "token")
 MASK_PAIRS = ("independent", "mirror")
@@ -93,6 +94,10 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of weights."""
     transformer_engine: str = "auto"
     """"auto" (use Transformer Engine layers when importable on GPU), "on" or "off"."""
+    recompute: str = "none"
+    """Activation recomputation (megatron-core): none | selective (the attention core: its [b, heads, l, l]
+    scores are recomputed, the rest stored) | full (each block stores only its input and reruns in the backward
+    pass; the memory of one block's activations per layer, ~1/3 more compute). docs/parallelism.md."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "scheduler_head_size"):
@@ -105,6 +110,7 @@ class ModelConfig:
         _finite(self.dropout, "model.dropout", 0, 1, high_open=True)
         _finite(self.init_std, "model.init_std", 0, low_open=True)
         _choice(self.transformer_engine, "model.transformer_engine", ("auto", "on", "off"))
+        _choice(self.recompute, "model.recompute", RECOMPUTE_CHOICES)
 
 
 @dataclass

@@ -65,7 +65,18 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1, pipel
         persist_layer_norm=False,
         batch_p2p_sync=on_gpu,
         pipeline_dtype=torch.float32,  # activations sent between stages (autocast keeps parameters fp32)
+        **_recompute_settings(cfg.recompute),
     )
+
+
+def _recompute_settings(recompute: str) -> dict:
+    """megatron-core's recomputation fields for model.recompute: full = every block recomputed from its input
+    (method uniform, one layer per checkpoint), selective = the attention core only."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {}
 
 
 class TimeEmbedding(nn.Module):
