@@ -6,7 +6,7 @@
 `<run_dir>/config.yaml` is written once, by the run that creates the directory, and is what evaluation, sampling
 and export read. A later start in the same directory compares its config with it, key by key:
 - keys that do not change what is trained (logging, evaluation cadence, checkpoint cadence, sampling, data
-  workers, device, kernels, stop_at) may differ freely;
+  workers, device, kernels, activation recomputation, stop_at) may differ freely;
 - SAFE_KEYS (more steps, optimizer settings, precision) may differ with `train.allow_config_change=true`; the new
   values are applied (the optimizer's saved hyper-parameters do not override them);
 - anything else (model, objective, data, seed, parallel layout...) is refused: that is another run.
@@ -32,7 +32,7 @@ from parallel.run_lock import RunLock, RunLockError
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
 
-FREE_KEYS = ("name", "run_dir", "kernels", "logging.", "data.num_workers", "data.cache_dir", "train.stop_at",
+FREE_KEYS = ("name", "run_dir", "kernels", "model.recompute", "logging.", "data.num_workers", "data.cache_dir", "train.stop_at",
              "train.eval_every", "train.eval_batches", "train.eval_time_samples", "train.device",
              "train.allow_config_change", "checkpoint.", "sampling.")
 """Keys (or prefixes ending in '.') that do not change the trained weights."""
