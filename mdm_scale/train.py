@@ -207,6 +207,7 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     model.train()
     dp = {"data_parallel_rank": dp_rank, "data_parallel_size": dp_size,
           "data_parallel_group": parallel_state.get_data_parallel_group()}
+    schedule_parameters = [p for n, p in model.named_parameters() if is_schedule_parameter(n)]
     while step < last_step:
         # One optimizer step over grad_accumulation micro-batches [b, l].
         # Tokens, and document ids when the data was packed per document (then attention stays in a document).
@@ -233,7 +234,7 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
         if not finite and cfg.train.nonfinite == "stop":
             raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
                                      f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
-        schedule_norm = _schedule_grad_norm(model)  # before the step clears the gradients
+        schedule_norm = _grad_norm(schedule_parameters)  # before the step clears the gradients
         grad_norm = engine.step(skip=not finite)
         if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
             sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
@@ -274,11 +275,12 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     return result
 
 
-def _schedule_grad_norm(model: nn.Module) -> float | None:
-    """L2 norm of the learned schedule's gradients on this rank (MDM-LS logits, LoMDM scheduler heads), before
-    clipping; None without such parameters or where the engine keeps gradients in its own partitions (ZeRO 2).
-    Logged beside the global norm, so a spike can be told apart: the schedule's score-function term or the net."""
-    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and is_schedule_parameter(n)]
+def _grad_norm(parameters: list[nn.Parameter]) -> float | None:
+    """L2 norm of these parameters' gradients on this rank, before clipping; None without gradients (no such
+    parameters, or the engine keeps them in its own partitions: ZeRO 2). Logged for the learned schedule's
+    parameters (MDM-LS logits, LoMDM scheduler heads) beside the global norm, so a spike can be told apart: the
+    schedule's score-function term or the net."""
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return None
     return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])).item()
