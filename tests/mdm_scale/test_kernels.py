@@ -113,7 +113,7 @@ def test_masking_matches_polynomial_masking_and_apply_noise():
     b, l = x0.shape
     index = torch.arange(b) + 40
     uniforms = counter_uniforms(9, index, l)
-    denoiser = types.SimpleNamespace(mask_id=50)
+    denoiser = types.SimpleNamespace(mask_id=50, causal=False)
     # Univariate polynomial schedule (w = 2): the objective's own path.
     noised = apply_noise(denoiser, UnivariateSchedule("polynomial", exponent=2.0), x0, t, t_weight, uniforms)
     out = fused_polynomial_masking(x0, t, t_weight, torch.full((l,), 2.0), seed=9, sequence_index=index, mask_id=50,
