@@ -334,11 +334,18 @@ class ParallelConfig:
     """Pipeline-parallel size (blocks split into stages)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage for the optimizer state (0 = plain optimizer)."""
+    sequence_parallel: bool = False
+    """megatron-core sequence parallelism within each TP group: norms, dropout and residual adds work on l / TP
+    positions (all-gather before and reduce-scatter after each TP region instead of all-reduces), which divides
+    those activations by TP. Needs tensor_parallel > 1 (docs/parallelism.md)."""
 
     def __post_init__(self) -> None:
         _at_least(self.tensor_parallel, "parallel.tensor_parallel", 1)
         _at_least(self.pipeline_parallel, "parallel.pipeline_parallel", 1)
         _require(self.zero_stage in (0, 1, 2), f"parallel.zero_stage must be one of 0, 1, 2; got {self.zero_stage!r}")
+        if self.sequence_parallel:
+            _require(self.tensor_parallel > 1, "parallel.sequence_parallel=true splits the sequence over the "
+                                               "tensor-parallel group: it needs parallel.tensor_parallel > 1")
 
 
 @dataclass

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from mdm_scale.config import ModelConfig
 from mdm_scale.kernels import BACKENDS as KERNEL_BACKENDS
 from mdm_scale.kernels.linear_cross_entropy import denoiser_weighted_nll
-from parallel.layer_spec import denoiser_layer_spec, transformer_engine_available
+from parallel.layer_spec import denoiser_block_spec, denoiser_layer_spec, transformer_engine_available
+from parallel.sequence_parallel import mark_sequence_parallel
 
 PAD_LOGIT = -1e9
 """Logit given to padded vocabulary columns, so they get zero probability in fp32."""
@@ -44,7 +45,7 @@ def padded_size(n: int, tensor_parallel_size: int, multiple: int = 128) -> int:
 
 
 def transformer_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                       on_gpu: bool = False) -> TransformerConfig:
+                       on_gpu: bool = False, sequence_parallel: bool = False) -> TransformerConfig:
     """megatron-core TransformerConfig for the denoiser (fusions only where they exist: GPU)."""
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -56,6 +57,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel_size: int = 1, pipel
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,  # same full weights for every TP layout and seed
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -153,6 +155,8 @@ class Denoiser(MegatronModule):
             stage the embedding and the last stage the final norm, output head and scheduler heads.
         on_gpu: enable fused kernels / Transformer Engine where available.
         kernels: the loss head's kernels, "auto" | "triton" | "torch" (mdm_scale/kernels).
+        sequence_parallel: megatron's sequence parallelism inside the blocks (parallel.sequence_parallel); the
+            final features are gathered to the full sequence for the heads.
         causal: causal attention over the input shifted one slot right (slot 0 holds the mask id), so output i
             is a function of z_t^(<i) only: the left-to-right denoiser of every slice at once (objective.causal).
     """
@@ -160,9 +164,12 @@ class Denoiser(MegatronModule):
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
                  scheduler_layers: int = 0, scheduler_position_bias: bool = True,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, on_gpu: bool = False,
-                 causal: bool = False, kernels: str = "auto"):
+                 causal: bool = False, kernels: str = "auto", sequence_parallel: bool = False):
         config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
-                                    pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu)
+                                    pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu,
+                                    sequence_parallel=sequence_parallel)
+        # The heads read gathered, full-sequence features: their layers are plain TP layers.
+        head_config = dataclasses.replace(config, sequence_parallel=False) if sequence_parallel else config
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_first_stage()
@@ -182,22 +189,24 @@ class Denoiser(MegatronModule):
                 config, vocab_size=padded_vocab, max_sequence_length=max_seq_len, position_embedding_type="rope",
             )
             self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
+            if sequence_parallel and self.time_embedding is not None:  # added to this rank's positions only
+                mark_sequence_parallel(self.time_embedding)
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                       use_cpu_initialization=True)
         layer_spec = denoiser_layer_spec(use_transformer_engine=use_te, causal=causal)
-        self.decoder = TransformerBlock(config, layer_spec, pre_process=self.pre_process,
-                                        post_process=self.post_process)
+        self.decoder = TransformerBlock(config, denoiser_block_spec(config, use_transformer_engine=use_te, causal=causal),
+                                        pre_process=self.pre_process, post_process=self.post_process)
         self.tie_embeddings = cfg.tie_embeddings
         self.output_layer = None
         self.scheduler_heads = nn.ModuleDict()
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                cfg.hidden_size, padded_vocab, config=config,
+                cfg.hidden_size, padded_vocab, config=head_config,
                 init_method=config.init_method, bias=False, gather_output=False,
                 skip_weight_param_allocation=cfg.tie_embeddings,
             )
             self.scheduler_heads.update({
-                name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len, config=config,
+                name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len, config=head_config,
                                     layer_spec=layer_spec, layers=scheduler_layers,
                                     position_bias=scheduler_position_bias)
                 for name in scheduler_heads})
@@ -242,7 +251,12 @@ class Denoiser(MegatronModule):
         if attention_mask is None and not self.causal:
             attention_mask = torch.zeros(b, 1, l, l, dtype=torch.bool, device=tokens.device)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=self.rotary(l))  # [l, b, h]
-        return hidden.transpose(0, 1) if self.post_process else hidden
+        if not self.post_process:
+            return hidden  # [l (/ TP with sequence parallelism), b, h] for the next stage
+        if self.config.sequence_parallel:  # [l / TP, b, h] -> [l, b, h]; the heads' input gradient is already
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(  # summed over TP: split it back
+                hidden, tensor_parallel_output_grad=False)
+        return hidden.transpose(0, 1)
 
     def output_logits(self, hidden: Tensor) -> Tensor:
         """[n, h] features (e.g. only the masked positions: the loss needs no others) -> [n, v_shard] logits over

@@ -20,6 +20,7 @@ from mdm_scale.schedules import build_schedule
 from parallel.checkpoint import MANIFEST, CheckpointError, list_checkpoints
 from parallel.consolidate import consolidate, model_layout, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed
+from parallel.sequence_parallel import sum_sequence_parallel_gradients
 
 
 def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.ModuleDict:
@@ -40,8 +41,12 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
             scheduler_position_bias=cfg.objective.schedule.scheduler_position_bias,
             tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
             on_gpu=dims.device.type == "cuda", kernels=cfg.kernels, causal=cfg.objective.causal,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
-        return nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
+        model = nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
+        if cfg.parallel.sequence_parallel:
+            sum_sequence_parallel_gradients(model)
+        return model
 
     if dims.pipeline_parallel == 1:
         return build(1).to(dims.device)
