@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,105 @@ def eb_counts(proxy: Tensor, candidates: Tensor, gamma: float) -> Tensor:
 
 
 @torch.no_grad()
+@dataclass
+class PolicyStep:
+    """What an order policy sees at one denoising step."""
+
+    denoiser: Denoiser
+    schedule: Schedule
+    hidden: Tensor
+    """[b, l, h] the denoiser's features of z."""
+    masked: Tensor
+    """[b, l] bool: still masked."""
+    t: Tensor
+    """[b] the current time (for `eb`: the fraction of free positions still masked)."""
+    s: Tensor | None
+    """[b] the next time on the grid (None for `eb`)."""
+    last: bool
+    generator: torch.Generator
+    temperature: float
+    top_p: float
+    eb_gamma: float
+    eb_proxy: str
+
+    def probabilities(self, where: Tensor) -> Tensor:
+        return _probabilities(self.denoiser, self.hidden[where], self.temperature, self.top_p)
+
+
+def _ancestral(step: PolicyStep) -> tuple[Tensor, Tensor | None]:
+    """Reveal each masked position with the schedule's probability from t to s (LoMDM: its learned backward
+    velocities), then sample the revealed tokens."""
+    backward_logits = None
+    if "backward_scheduler" in step.denoiser.scheduler_heads:
+        backward_logits = step.denoiser.scheduler_logits("backward_scheduler", step.hidden)
+    b, l = step.masked.shape
+    reveal_prob = step.schedule.reveal_probability(step.t, step.s, l, backward_logits)
+    if step.last:
+        reveal_prob = torch.ones_like(reveal_prob)  # s = 0: everything is clean
+    uniforms = torch.rand(b, l, generator=step.generator, dtype=torch.float64).to(step.masked.device)
+    reveal = step.masked & (uniforms < reveal_prob)
+    return reveal, (step.probabilities(reveal) if reveal.any() else None)
+
+
+def _ranked(score: Callable[[PolicyStep, Tensor], Tensor], count: Callable[[PolicyStep, Tensor], Tensor]):
+    """A policy that reveals, in each row, the `count` masked positions of smallest `score` (ties: leftmost)."""
+
+    def policy(step: PolicyStep) -> tuple[Tensor, Tensor | None]:
+        all_probs = step.probabilities(step.masked)  # [n_masked, V]
+        scores = score(step, all_probs)
+        reveal = _ranked_prefix(scores, step.masked, count(step, scores))
+        return reveal, (all_probs[reveal[step.masked]] if reveal.any() else None)
+
+    return policy
+
+
+def _on_masked(step: PolicyStep, values: Tensor) -> Tensor:
+    """[n_masked] values -> [b, l] float64 scores (0 elsewhere; only masked positions are ranked)."""
+    return torch.zeros(step.masked.shape, dtype=torch.float64, device=step.masked.device).masked_scatter(
+        step.masked, values.double())
+
+
+def _random_score(step: PolicyStep, probs: Tensor) -> Tensor:
+    return torch.rand(step.masked.shape, generator=step.generator, dtype=torch.float64).to(step.masked.device)
+
+
+def _position_score(step: PolicyStep, probs: Tensor) -> Tensor:
+    return torch.arange(step.masked.shape[1], device=step.masked.device, dtype=torch.float64).expand_as(step.masked)
+
+
+def _confidence_score(step: PolicyStep, probs: Tensor) -> Tensor:  # 1 - max prob: most confident first
+    return _on_masked(step, 1.0 - probs.max(-1).values.double())
+
+
+def _entropy_score(step: PolicyStep, probs: Tensor) -> Tensor:  # lowest predictive entropy first
+    return _on_masked(step, torch.special.entr(probs.double()).sum(-1))
+
+
+def _eb_score(step: PolicyStep, probs: Tensor) -> Tensor:
+    return (_confidence_score if step.eb_proxy == "confidence" else _entropy_score)(step, probs)
+
+
+def _grid_count(step: PolicyStep, scores: Tensor) -> Tensor:
+    return reveal_counts(step.masked.sum(-1), float(step.t[0]), float(step.s[0]), step.last)
+
+
+def _eb_count(step: PolicyStep, scores: Tensor) -> Tensor:
+    return eb_counts(scores, step.masked, step.eb_gamma)
+
+
+POLICY_STEPS: dict[str, Callable[[PolicyStep], tuple[Tensor, Tensor | None]]] = {
+    "ancestral": _ancestral,
+    "random": _ranked(_random_score, _grid_count),
+    "left_to_right": _ranked(_position_score, _grid_count),
+    "confidence": _ranked(_confidence_score, _grid_count),
+    "entropy": _ranked(_entropy_score, _grid_count),
+    "eb": _ranked(_eb_score, _eb_count),
+}
+"""Order policies (config.POLICIES): one step's reveal set [b, l] and the probabilities of its tokens."""
+ADAPTIVE_POLICIES = ("eb",)
+"""Policies that ignore the time grid: they stop when nothing is masked (t = the fraction still masked)."""
+
+
 def generate(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -186,15 +286,15 @@ def generate(
             Confidence, entropy and the EB proxies are computed on this processed distribution.
         prompt: optional [num_samples, seq_len] ids with -1 where the sampler should generate; other positions
             are fixed (infilling / prefix conditioning) and never remasked.
-        policy: one of POLICIES. beta: (a, b) of the time grid. eb_gamma, eb_proxy: the `eb` policy's budget and
-            error proxy (entropy | confidence = 1 - max prob).
+        policy: one of POLICIES (`POLICY_STEPS`). beta: (a, b) of the time grid. eb_gamma, eb_proxy: the `eb`
+            policy's budget and error proxy (entropy | confidence = 1 - max prob).
         remask_rate: after each step but the last, every token generated at an earlier step is masked again with
             this probability (0: no random number is drawn for it, so outputs equal the plain sampler's).
         reuse_unchanged: skip the forward pass of a step whose input is unchanged, if the denoiser ignores t (no
             time embedding): the output is identical, so samples do not change; only `evaluations` drops.
     Returns a Sample (tokens, nfe = denoiser steps, evaluations = forward passes run).
     """
-    if policy not in POLICIES:
+    if policy not in POLICY_STEPS:
         raise ValueError(f"unknown sampling policy '{policy}'; valid: {', '.join(POLICIES)}")
     if eb_proxy not in EB_PROXIES:
         raise ValueError(f"unknown eb_proxy '{eb_proxy}'; valid: {', '.join(EB_PROXIES)}")
@@ -202,6 +302,7 @@ def generate(
         raise ValueError(f"remask_rate must be in [0, 1), got {remask_rate}")
     if eb_gamma < 0:
         raise ValueError(f"eb_gamma must be >= 0, got {eb_gamma}")
+    policy_step, adaptive = POLICY_STEPS[policy], policy in ADAPTIVE_POLICIES
     times = beta_time_grid(nfe, beta)
     was_training = denoiser.training
     denoiser.eval()
@@ -212,53 +313,22 @@ def generate(
         free = prompt.to(device) < 0  # positions the sampler generates
     else:
         free = torch.ones_like(z, dtype=torch.bool)
-    positions = torch.arange(seq_len, device=device, dtype=torch.float64).expand(num_samples, -1)
     k, evaluations = 0, 0  # k: steps taken (Sample.nfe)
     reusable = reuse_unchanged and getattr(denoiser, "time_embedding", None) is None
     hidden, z_of_hidden = None, None
     while True:
         masked = z == mask_id
-        if policy == "eb":
-            if not masked.any():
-                break
-            last = False
-            t = (masked.sum(-1).double() / free.sum(-1).clamp_min(1).double())  # fraction still masked
+        if not masked.any() or (k == nfe and not adaptive):
+            break
+        if adaptive:
+            t, s, last = masked.sum(-1).double() / free.sum(-1).clamp_min(1).double(), None, False
         else:
-            if k == nfe or not masked.any():
-                break
-            last = k == nfe - 1
-            t = times[k].expand(num_samples).to(device)
-            s = times[k + 1].expand(num_samples).to(device)
+            t, s, last = times[k].expand(num_samples).to(device), times[k + 1].expand(num_samples).to(device), k == nfe - 1
         if hidden is None or not reusable or not torch.equal(z, z_of_hidden):
             hidden, z_of_hidden = denoiser(z, t.float()), z  # [b, l, h]
             evaluations += 1
-        if policy == "ancestral":
-            backward_logits = None
-            if "backward_scheduler" in denoiser.scheduler_heads:
-                backward_logits = denoiser.scheduler_logits("backward_scheduler", hidden)
-            reveal_prob = schedule.reveal_probability(t, s, seq_len, backward_logits)
-            if last:
-                reveal_prob = torch.ones_like(reveal_prob)  # s = 0: everything is clean
-            uniforms = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
-            reveal = masked & (uniforms < reveal_prob)
-            probs = _probabilities(denoiser, hidden[reveal], temperature, top_p) if reveal.any() else None
-        else:
-            all_probs = _probabilities(denoiser, hidden[masked], temperature, top_p)  # [n_masked, V]
-            score = torch.zeros(num_samples, seq_len, dtype=torch.float64, device=device)
-            if policy == "random":
-                score = torch.rand(num_samples, seq_len, generator=generator, dtype=torch.float64).to(device)
-            elif policy == "left_to_right":
-                score = positions
-            elif policy == "confidence" or (policy == "eb" and eb_proxy == "confidence"):
-                score = score.masked_scatter(masked, 1.0 - all_probs.max(-1).values.double())
-            else:  # entropy, eb with the entropy proxy
-                score = score.masked_scatter(masked, torch.special.entr(all_probs.double()).sum(-1))
-            if policy == "eb":
-                count = eb_counts(score, masked, eb_gamma)
-            else:
-                count = reveal_counts(masked.sum(-1), float(times[k]), float(times[k + 1]), last)
-            reveal = _ranked_prefix(score, masked, count)
-            probs = all_probs[reveal[masked]] if reveal.any() else None
+        reveal, probs = policy_step(PolicyStep(denoiser, schedule, hidden, masked, t, s, last, generator,
+                                               temperature, top_p, eb_gamma, eb_proxy))
         if probs is not None:
             tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
             z = z.masked_scatter(reveal, tokens)

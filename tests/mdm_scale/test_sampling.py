@@ -313,6 +313,13 @@ def test_nucleus_keeps_the_smallest_top_set_and_renormalises():
     assert torch.allclose(nucleus(probs, 1.0), probs)
 
 
+def test_every_configurable_policy_has_one_step_function():
+    from mdm_scale.config import POLICIES
+    from mdm_scale.sampling import ADAPTIVE_POLICIES, POLICY_STEPS
+
+    assert tuple(POLICY_STEPS) == POLICIES and set(ADAPTIVE_POLICIES) <= set(POLICIES)
+
+
 def test_invalid_options_are_rejected(dims):
     denoiser = _denoiser()
     common = dict(num_samples=1, seq_len=16, nfe=2, generator=torch.Generator().manual_seed(0))
