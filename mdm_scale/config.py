@@ -243,6 +243,10 @@ class ObjectiveConfig:
             _require(self.schedule.kind in LEARNED_KINDS,
                      f"objective.score_baseline=two_draw is a score-function baseline for learned schedules "
                      f"({', '.join(LEARNED_KINDS)}); schedule.kind={self.schedule.kind} has none")
+        if self.estimator == "time" and self.schedule.exponent_family == "log" and self.schedule.kind in LEARNED_KINDS:
+            _require(False, "objective.schedule.exponent_family=log needs objective.estimator=order: in the time form "
+                            "position i's weight w_i / t has infinite variance once w_i <= time_power "
+                            "(docs/objective.md, 3)")
         if self.estimator == "order":  # steps are drawn on (0, 1]: a floor or a warped proposal would bias them
             _require(self.t_min == 0 and self.time_power == 1,
                      f"objective.estimator=order draws the step fraction on (0, 1] and needs objective.t_min=0 and "
