@@ -56,6 +56,25 @@ def quadrature_nelbo(schedule, patterns: Tensor, nll: Tensor, *, scheduler_logit
     return (integrand * dt_du).mean()
 
 
+def state_dependent_nelbo(denoiser: Denoiser, schedule, x0: Tensor, *, points: int = 4000):
+    """For LoMDM on one sequence x0 [l]: a function () -> exact NELBO whose gradient reaches the forward
+    scheduler's parameters. The pattern NLLs, the backward exponents and the clean features are fixed (computed
+    once here); each call recomputes the forward scheduler's logits, so the gradient of the result is the exact
+    one the score-function estimators must be unbiased for."""
+    patterns = all_patterns(x0.shape[-1])
+    with torch.no_grad():
+        nll, hidden = pattern_nll(denoiser, x0, patterns)
+        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
+        clean_hidden = denoiser(x0[None])
+
+    def exact() -> Tensor:
+        logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [1, l]
+        return quadrature_nelbo(schedule, patterns, nll, scheduler_logits=logits, backward_exponents=w_hat,
+                                points=points)
+
+    return exact
+
+
 def order_probabilities(exponents: Tensor) -> dict[tuple[int, ...], float]:
     """Plackett-Luce: with tau_i ~ Beta(w_i, 1), -log tau_i ~ Exp(w_i), so the generation order (decreasing tau)
     is an exponential race: P(pi) = prod_k w_{pi_k} / sum_{j >= k} w_{pi_j}."""

@@ -11,7 +11,7 @@ import torch
 
 from mdm_scale.config import ConfigError, ModelConfig, ObjectiveConfig, load_config
 from mdm_scale.denoiser import Denoiser
-from mdm_scale.exact import all_patterns, pattern_nll, quadrature_nelbo
+from mdm_scale.exact import state_dependent_nelbo
 from mdm_scale.objective import nelbo, training_nelbo, training_noise
 from mdm_scale.schedules import LearnedPositionSchedule, build_schedule
 from mdm_scale.schedules.lomdm import StateDependentSchedule
@@ -147,17 +147,7 @@ def _two_draw_setup():
         p.requires_grad_(True)
     cfg = paper_objective(t_min=0.0, time_power=0.2)  # untruncated NELBO, finite variance for w > 0.2
     schedule = build_schedule(cfg.schedule, L)
-    with torch.no_grad():
-        nll, hidden = pattern_nll(denoiser, X0, all_patterns(L))
-        w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
-        clean_hidden = denoiser(X0[None])
-
-    def exact():
-        logits = denoiser.scheduler_logits("forward_scheduler", clean_hidden)  # [1, l]
-        return quadrature_nelbo(schedule, all_patterns(L), nll, scheduler_logits=logits,
-                                backward_exponents=w_hat, points=4000)
-
-    return denoiser, schedule, cfg, params, exact
+    return denoiser, schedule, cfg, params, state_dependent_nelbo(denoiser, schedule, X0)
 
 
 def _gradient_draws(denoiser, schedule, cfg, params, *, draws, rows=2048):
