@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import scipy.stats
 
 LEARNED_KINDS = ("mdm_ls", "lomdm")
 """Schedule kinds whose exponents are parameters (read back by `learned_exponents`)."""
@@ -200,23 +201,15 @@ def learned_exponents(cfg, checkpoint_dir: str | os.PathLike, x: np.ndarray | No
 
 # --------------------------------------------------------------------------------------------- statistics
 def rank(a) -> np.ndarray:
-    """Average ranks (ties share their mean rank)."""
-    a = np.asarray(a, dtype=float)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a))
-    ranks[order] = np.arange(len(a), dtype=float)
-    for value in np.unique(a):
-        tie = a == value
-        ranks[tie] = ranks[tie].mean()
-    return ranks
+    """Average ranks from 0 (ties share their mean rank)."""
+    return scipy.stats.rankdata(np.asarray(a, dtype=float), method="average") - 1.0
 
 
 def spearman(a, b) -> float:
     """Spearman rank correlation (0 when either argument is constant)."""
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt((ra ** 2).sum() * (rb ** 2).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+    if np.ptp(np.asarray(a, dtype=float)) == 0 or np.ptp(np.asarray(b, dtype=float)) == 0:
+        return 0.0
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def generation_order_stats(w, samples: int = 20000, seed: int = 0) -> dict:
