@@ -51,6 +51,7 @@ STEPS = ("env", "kernels", "bench_kernels", "step_compare", "step_memory", "step
 GOALS = {  # name: (comparison, threshold)
     "fused_loss_memory_over_unfused": ("<=", 0.25),
     "fused_loss_speedup": (">=", 1.3),
+    "fused_masking_speedup": (">=", 1.3),  # with the saved ms, decides the counter-RNG masking kernel (kernels.md)
     "ours_over_ref_tokens_per_s": (">=", 1.25),
     "ours_over_ref_peak_memory": ("<=", 0.6),
     "lomdm_over_mdlm_step_time": ("<=", 1.35),
@@ -317,6 +318,10 @@ def step_bench_kernels(check: Check, plan: Plan, limit: float) -> dict:
         goals[hidden] = {"variant": "fused-triton" if "fused-triton" in variants else "fused-torch",
                          "memory": goal("fused_loss_memory_over_unfused", fused["mem_over_unfused"]),
                          "speedup": goal("fused_loss_speedup", fused["speedup"])}
+    masking = report["masking"]["seconds"]
+    variant = "fused-triton" if "fused-triton" in masking else "fused-torch"
+    goals["masking"] = {"variant": variant, "speedup": goal("fused_masking_speedup", masking["unfused"] / masking[variant]),
+                        "saved_ms_per_call": (masking["unfused"] - masking[variant]) * 1e3}
     return {"goals": goals, "report": report}
 
 

@@ -75,6 +75,8 @@ def test_dry_run_passes_every_step(tmp_path):
     kernels = result["kernels"]
     assert kernels["backend"] == "triton" and kernels["interpreted"] and len(kernels["cases"]) == 17
     assert set(result["bench_kernels"]["report"]["loss"]) == {"32", "64"}
+    masking = result["bench_kernels"]["goals"]["masking"]  # the counter-RNG kernel's decision (docs/kernels.md)
+    assert masking["variant"] == "fused-torch" and masking["speedup"]["value"] > 0
     for step in ("bench_kernels", "step_compare", "step_memory"):
         goals = device_check.goals_in(result[step])
         assert goals and all(g["value"] > 0 for g in goals.values()), (step, goals)
