@@ -113,13 +113,17 @@ def normalized_exponents(logits: Tensor, min_exponent: float, exponent_range: fl
     (P(i before j) = w_i / (w_i + w_j)); only the order form can train it (docs/objective.md, section 4c).
     normsig (the LoMDM paper's): w_i = c1 + c2 * NormSig(v)_i, NormSig(v)_i = sigmoid(v_i) - mean_j sigmoid(v_j):
     the mean exponent of every sequence is c1 (w = c1 at v = 0); NormSig_i lies in (-(1 - 1/L), 1 - 1/L), so
-    c1 > c2 keeps every w_i > 0. Here the sigmoids are centred, not the logits.
+    c1 > c2 keeps every w_i > 0. The sigmoids are centred (the paper's NormSig) and, before them, the logits too.
 
-    Centring removes the one direction that only rescales time for every position at once.
+    Centring the logits removes the one direction that only rescales time for every position at once (linear,
+    log). For normsig it removes a direction the paper's NormSig does not see at v = 0 but that Adam drifts once
+    the logits differ: on char_lm every logit reached ~ +26 within 150 steps, all sigmoids saturated, w = c1
+    everywhere and the scheduler's gradient vanished for good (docs/objective.md 5b, docs/results.md).
     """
-    if family == "normsig":
-        gates = torch.sigmoid(logits)
-        return min_exponent + exponent_range * (gates - gates.mean(dim=-1, keepdim=True))
+    if family == "normsig":  # float64: the two centrings cancel most of each value, float32 would keep ~1e-5
+        v = logits.double()
+        gates = torch.sigmoid(v - v.mean(dim=-1, keepdim=True))
+        return (min_exponent + exponent_range * (gates - gates.mean(dim=-1, keepdim=True))).to(logits.dtype)
     centred = logits - logits.mean(dim=-1, keepdim=True)
     if family == "log":
         return torch.exp(max_log_exponent * torch.tanh(centred / max_log_exponent))

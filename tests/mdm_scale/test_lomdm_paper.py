@@ -66,8 +66,9 @@ def test_two_draw_and_scheduler_layers_need_a_learned_schedule():
 
 
 def test_normsig_keeps_each_sequences_mean_exponent_at_c1():
-    """w_i = c1 + c2 (sigmoid(v_i) - mean_j sigmoid(v_j)): every row's mean exponent is c1 (1e-6), forward and
-    backward; NormSig_i stays inside (-(1 - 1/L), 1 - 1/L), so c1 > c2 keeps w > 0 even at extreme logits."""
+    """w_i = c1 + c2 (sigmoid(c_i) - mean_j sigmoid(c_j)), c = v - mean v: every row's mean exponent is c1 (1e-6),
+    forward and backward; NormSig_i stays inside (-(1 - 1/L), 1 - 1/L), so c1 > c2 keeps w > 0 even at extreme
+    logits; a common shift of the logits changes nothing (the direction Adam drifted into saturation)."""
     c1, c2, l = 0.7, 0.65, 9
     schedule = StateDependentSchedule(c1, c2, "normsig")
     logits = torch.randn(64, l, generator=torch.Generator().manual_seed(0)) * 3
@@ -78,12 +79,13 @@ def test_normsig_keeps_each_sequences_mean_exponent_at_c1():
     with torch.no_grad():
         mdm_ls.position_logits.copy_(logits[0])
     assert mdm_ls.exponents(l).double().mean().item() == pytest.approx(c1, abs=1e-6)
-    extreme = torch.full((2, l), -30.0)
-    extreme[0, 0] = extreme[1, 1:] = 30.0  # one gate open / one gate closed: NormSig = +-(1 - 1/L)
+    extreme = torch.full((2, l), -300.0)
+    extreme[0, 0] = extreme[1, 1:] = 300.0  # one gate open / one gate closed: NormSig = +-(1 - 1/L)
     w = schedule.exponents(extreme).double()
     assert w[0, 0].item() == pytest.approx(c1 + c2 * (1 - 1 / l), abs=1e-6)
     assert w[1, 0].item() == pytest.approx(c1 - c2 * (1 - 1 / l), abs=1e-6) and (w > 0).all()
     assert (schedule.exponents(torch.zeros(3, l)) == c1).all()  # zero-initialised heads: 1 - t^c1
+    torch.testing.assert_close(schedule.exponents(logits + 26.0), schedule.exponents(logits), rtol=0, atol=1e-6)
 
 
 def test_c1_one_c2_zero_equals_mdlm_on_the_same_draws(dims):
@@ -240,8 +242,11 @@ def test_pipeline_step_equals_the_one_stage_step(dims):
     assert piped.nelbo.item() == pytest.approx(terms.nelbo.item(), rel=1e-6)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(reference) and any(".layers.0." in n and "scheduler" in n for n in grads)
+    # Gradients that the logits' centring makes nearly cancel (e.g. a scheduler layer's norm bias) are compared
+    # to the overall gradient scale, not their own, as in the tensor-parallel tests.
+    overall = max(g.abs().max().item() for g in reference.values())
     for name, g_ref in reference.items():
-        torch.testing.assert_close(grads[name], g_ref, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], g_ref, rtol=1e-5, atol=1e-6 * overall, msg=name)
 
 
 def test_scheduler_layers_tensor_parallel_match_one_rank():
@@ -268,7 +273,7 @@ def test_scheduler_layers_tensor_parallel_match_one_rank():
             if g_ref is None:
                 assert tp[0]["grads"][name] is None, name
                 continue
-            tolerance = 1e-5 * g_ref.abs().max().item() + 1e-7 * overall
+            tolerance = 2e-5 * g_ref.abs().max().item() + 1e-7 * overall  # fp32 sums in another order
             assert (tp[0]["grads"][name] - g_ref).abs().max().item() <= tolerance, (objective, name)
             assert torch.equal(tp[1]["grads"][name], tp[0]["grads"][name]), (objective, name)
             checked += ".layers.0." in name and "scheduler_heads" in name and g_ref.abs().max() > 0
