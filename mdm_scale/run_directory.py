@@ -7,8 +7,9 @@
 and export read. A later start in the same directory compares its config with it, key by key:
 - keys that do not change what is trained (logging, evaluation cadence, checkpoint cadence, sampling, data
   workers, device, kernels, activation recomputation, stop_at) may differ freely;
-- SAFE_KEYS (more steps, optimizer settings, precision) may differ with `train.allow_config_change=true`; the new
-  values are applied (the optimizer's saved hyper-parameters do not override them);
+- SAFE_KEYS (more steps, optimizer settings, precision, the parallel layout and the micro-batch split: checkpoints
+  reshard, docs/parallelism.md) may differ with `train.allow_config_change=true`; the new values are applied (the
+  optimizer's saved hyper-parameters do not override them);
 - anything else (model, objective, data, seed, parallel layout...) is refused: that is another run.
 Every accepted difference is appended to `<run_dir>/config_history.jsonl`; config.yaml keeps the original.
 """
@@ -36,7 +37,8 @@ FREE_KEYS = ("name", "run_dir", "kernels", "model.recompute", "logging.", "data.
              "train.eval_every", "train.eval_batches", "train.eval_time_samples", "train.device",
              "train.allow_config_change", "checkpoint.", "sampling.")
 """Keys (or prefixes ending in '.') that do not change the trained weights."""
-SAFE_KEYS = ("train.steps", "train.precision", "train.nonfinite", "optimizer.")
+SAFE_KEYS = ("train.steps", "train.precision", "train.nonfinite", "optimizer.", "parallel.", "data.micro_batch_size",
+             "data.grad_accumulation")
 """Keys that change the rest of the run but not its past: accepted with train.allow_config_change=true."""
 
 

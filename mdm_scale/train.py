@@ -31,7 +31,7 @@ from mdm_scale.sampling import generate, sampler_options
 from mdm_scale.schedules import is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint, save_checkpoint
-from parallel.consolidate import model_layout, partition_dims, to_global, to_local
+from parallel.consolidate import RankLayout, model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
 
@@ -156,7 +156,8 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     step = 0
     ckpt_dir = run_dir / "checkpoints"
     layout = model_layout(model)  # checkpoints use layout-independent (global) tensor names
-    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals())):
+    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals(),
+                                                            reshard=RankLayout.of(model))):  # from any layout
         try:
             model.load_state_dict(to_local(ckpt.model, layout))
         except RuntimeError as e:  # the run-directory check makes this rare: a config.yaml edited by hand

@@ -5,6 +5,10 @@ Checkpoints store every tensor under its *global* name (pipeline stages renumber
 safetensors header. That is all that is needed to rebuild the full weights of any TP x PP layout offline:
 
     python -m parallel.consolidate runs/owt_1b/checkpoints/step_00002000 runs/owt_1b/full.safetensors
+
+The optimizer moments are stored the same way (`optimizer-<place>.safetensors`, tensors named `<key>/<global
+name>`, e.g. `exp_avg/decoder.layers.3.mlp.linear_fc1.weight`), so `read_tensors` gives any rank of any other
+TP x PP layout its slice of the weights and of the moments: that is what resuming on another layout reads.
 """
 
 from __future__ import annotations
@@ -64,33 +68,107 @@ def partition_dims(layout: dict[str, TensorPlace]) -> dict[str, str]:
     return {LAYOUT_KEY: json.dumps({p.global_name: p.partition_dim for p in layout.values()})}
 
 
-def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full (TP = PP = 1) weights from the model shards of a checkpoint (one file per TP x PP place): TP-split
-    tensors are concatenated along their partition dimension, stages are merged by name.
+def base_name(name: str) -> str:
+    """The global tensor name a stored tensor belongs to: `exp_avg/<name>` -> `<name>` (weights are stored bare)."""
+    return name.rsplit("/", 1)[-1]
+
+
+def saved_shards(checkpoint: str | Path, kind: str = "model") -> dict[int, dict[int, Path]]:
+    """{pp: {tp: file}} of the `kind` ("model" or "optimizer") safetensors files, one per TP x PP place."""
+    shards: dict[int, dict[int, Path]] = {}
+    for path in Path(checkpoint).glob(f"{kind}-*.safetensors"):
+        match = re.fullmatch(rf"{kind}-tp(\d+)-pp(\d+)(?:-dp(\d+))?\.safetensors", path.name)
+        if match is None:
+            raise ValueError(f"{path}: not a {kind} shard of this project's naming ({kind}-tpX-ppY)")
+        tp, pp, dp = (int(g or 0) for g in match.groups())  # -dpZ: checkpoints written before one copy per place
+        if dp == 0:
+            shards.setdefault(pp, {})[tp] = path
+    for pp, by_tp in shards.items():
+        if sorted(by_tp) != list(range(len(by_tp))):
+            raise CheckpointError(f"{checkpoint}: {kind} files of stage {pp} miss tensor-parallel ranks "
+                                  f"(have {sorted(by_tp)})")
+    return shards
+
+
+def read_tensors(checkpoint: str | Path, kind: str = "model", wanted: dict[str, int] | None = None,
+                 tensor_parallel_rank: int = 0, tensor_parallel_size: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint of any TP x PP layout, cut for one rank of a (possibly) different layout.
+
+    Stages are merged by global name; a TP-split tensor is rebuilt from the saved TP ranks (concatenated along
+    its partition dimension) and cut into `tensor_parallel_size` equal parts, of which `tensor_parallel_rank`'s
+    is returned (one file is read when the TP size did not change). Does not verify checksums (callers do).
+
+    Args:
+        kind: "model" (weights) or "optimizer" (per-parameter moments, named `<key>/<global name>`).
+        wanted: {global name: TP partition dim in the reading layout}; only tensors of these names are read.
+            None reads everything, whole (the consolidated TP = PP = 1 tensors).
+    """
+    shards = saved_shards(checkpoint, kind)
+    out: dict[str, torch.Tensor] = {}
+    for pp, by_tp in sorted(shards.items()):
+        opened = [safe_open(str(by_tp[r]), framework="pt") for r in sorted(by_tp)]
+        dims = json.loads((opened[0].metadata() or {}).get(LAYOUT_KEY, "{}"))
+        for name in opened[0].keys():
+            base = base_name(name)
+            if name in out or (wanted is not None and base not in wanted):
+                continue  # replicated over stages (e.g. MDM(LS) position logits): the first stage's copy
+            saved_dim = dims.get(base, -1)
+            dim = saved_dim if wanted is None else wanted[base]
+            if dim != saved_dim and saved_dim >= 0 and dim >= 0:
+                raise CheckpointError(f"{checkpoint}: {name} was split along dim {saved_dim}, this layout splits "
+                                      f"it along {dim}")
+            if saved_dim < 0:
+                full = opened[0].get_tensor(name)
+            elif len(opened) == tensor_parallel_size and dim == saved_dim:
+                out[name] = opened[tensor_parallel_rank].get_tensor(name)
+                continue
+            else:
+                full = torch.cat([f.get_tensor(name) for f in opened], dim=saved_dim)
+            if dim < 0 or tensor_parallel_size == 1:
+                out[name] = full
+                continue
+            if full.shape[dim] % tensor_parallel_size:
+                raise CheckpointError(f"{checkpoint}: {name} has {full.shape[dim]} entries along dim {dim}, not "
+                                      f"divisible by tensor_parallel={tensor_parallel_size}")
+            out[name] = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank].clone()
+    return out
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """One rank's view of the tensors it trains: global names, TP partition dims, its TP rank and size.
+    `load_checkpoint(..., reshard=RankLayout.of(model))` reads its part of a checkpoint of any layout."""
+
+    partition_dims: dict[str, int]
+    tensor_parallel_rank: int = 0
+    tensor_parallel_size: int = 1
+
+    @classmethod
+    def of(cls, model: nn.Module) -> RankLayout:
+        from megatron.core import parallel_state
+
+        layout = model_layout(model)
+        return cls({p.global_name: p.partition_dim for p in layout.values()},
+                   parallel_state.get_tensor_model_parallel_rank(),
+                   parallel_state.get_tensor_model_parallel_world_size())
+
+    def read(self, checkpoint: str | Path, kind: str) -> dict[str, torch.Tensor]:
+        return read_tensors(checkpoint, kind, self.partition_dims, self.tensor_parallel_rank,
+                            self.tensor_parallel_size)
+
+
+def consolidate(checkpoint: str | Path, kind: str = "model") -> dict[str, torch.Tensor]:
+    """Full (TP = PP = 1) tensors from the shards of a checkpoint (one file per TP x PP place): TP-split
+    tensors are concatenated along their partition dimension, stages are merged by name. `kind="optimizer"`
+    gives the full per-parameter optimizer moments (`exp_avg/<name>`, ...) of checkpoints that store them.
 
     Every file is checked against the manifest first (CheckpointError naming the bad file): evaluation, sampling
     and export all read weights through here, so none of them computes with corrupt weights."""
     checkpoint = Path(checkpoint)
     verify_checkpoint(checkpoint)
-    shards: dict[int, dict[int, Path]] = {}  # pp -> tp -> file
-    for path in checkpoint.glob("model-*.safetensors"):
-        match = re.fullmatch(r"model-tp(\d+)-pp(\d+)(?:-dp(\d+))?\.safetensors", path.name)
-        if match is None:
-            raise ValueError(f"{path}: not a model shard of this project's naming (model-tpX-ppY)")
-        tp, pp, dp = (int(g or 0) for g in match.groups())  # -dpZ: checkpoints written before one copy per place
-        if dp == 0:
-            shards.setdefault(pp, {})[tp] = path
-    if not shards:
-        raise FileNotFoundError(f"{checkpoint}: no model shards")
-    full: dict[str, torch.Tensor] = {}
-    for pp, by_tp in sorted(shards.items()):
-        ranks = [by_tp[r] for r in sorted(by_tp)]
-        opened = [safe_open(str(p), framework="pt") for p in ranks]
-        dims = json.loads(opened[0].metadata()[LAYOUT_KEY])
-        for name in opened[0].keys():
-            dim = dims.get(name, -1)
-            parts = [f.get_tensor(name) for f in opened] if dim >= 0 else [opened[0].get_tensor(name)]
-            full[name] = torch.cat(parts, dim=dim) if dim >= 0 else parts[0]
+    full = read_tensors(checkpoint, kind)
+    if not full:
+        raise FileNotFoundError(f"{checkpoint}: no {kind} shards")
     return full
 
 

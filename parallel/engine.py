@@ -3,6 +3,11 @@
 DeepSpeed owns data parallelism (gradient all-reduce or ZeRO reduce-scatter), gradient accumulation, clipping
 and the sharding of optimizer state; megatron's `parallel_state` is its `mpu`, as in Megatron-DeepSpeed, so
 tensor-parallel duplicates are counted once in the global gradient norm.
+
+Optimizer state leaves an engine per parameter, under the weights' global names (`optimizer_state`), and enters
+one the same way (`load_optimizer_state`), so a checkpoint does not depend on how the engine partitions it:
+torch's state for plain AdamW and ZeRO 0, DeepSpeed's `safe_get/set_full_optimizer_state` (its public API for
+the ZeRO 1/2 partitions behind a parameter) otherwise.
 """
 
 from __future__ import annotations
@@ -58,7 +63,40 @@ class Engine:
         return self.lr_schedule.get_last_lr()[0]
 
     def optimizer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        """Per-parameter state under global tensor names: {"per_parameter": {key: {name: tensor}}, "steps":
+        {name: step}, "lr_schedule": {...}}; tensors are this rank's TP slice, like its weights. Collective over
+        the data-parallel group with ZeRO (every rank gets the whole of its parameters' moments)."""
+        names = _global_names(self.model)
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        steps: dict[str, float] = {}
+        for param, state in self._parameter_states().items():
+            for key, value in state.items():
+                if key == "step":
+                    steps[names[param]] = value
+                else:
+                    moments.setdefault(key, {})[names[param]] = value
+        return {"per_parameter": moments, "steps": steps, "lr_schedule": self.lr_schedule.state_dict()}
+
+    def _parameter_states(self) -> dict[nn.Parameter, dict[str, Any]]:
+        """{parameter: {"step": float, key: tensor shaped like it}} of the parameters that have optimizer state
+        (torch's AdamW creates it at a parameter's first gradient)."""
+        states = {}
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                state = self.optimizer.state.get(param)
+                if state:
+                    states[param] = {k: float(v) if k == "step" else v for k, v in state.items()
+                                     if k == "step" or (torch.is_tensor(v) and v.shape == param.shape)}
+        return states
+
+    def _set_parameter_states(self, states: dict[nn.Parameter, dict[str, Any]]) -> None:
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                self.optimizer.state.pop(param, None)
+                if param in states:
+                    self.optimizer.state[param] = {
+                        k: torch.tensor(v, dtype=torch.float32) if k == "step" else v.to(param.device, param.dtype)
+                        for k, v in states[param].items()}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Restore the optimizer's moments and the schedule's position from a checkpoint, keeping the
@@ -78,8 +116,32 @@ class Engine:
         schedule._last_lr = lrs
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "per_parameter" in state:
+            self._load_per_parameter(state)
+        else:  # checkpoints from before per-parameter state: torch's state dict of this very layout
+            self._load_legacy_state(state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+
+    def _load_legacy_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_per_parameter(self, state: dict[str, Any]) -> None:
+        """Moments and step counts by global name (this rank's TP slices); a parameter without saved state
+        starts fresh, as it would have in the saving run. Call after loading the weights into the model."""
+        names = _global_names(self.model)
+        states = {}
+        for param, name in names.items():
+            moments = {key: by_name[name] for key, by_name in state["per_parameter"].items() if name in by_name}
+            if moments:
+                states[param] = {"step": float(state["steps"][name]), **moments}
+        self._set_parameter_states(states)
+
+
+def _global_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    from parallel.consolidate import model_layout
+
+    layout = model_layout(model)
+    return {param: layout[name].global_name for name, param in model.named_parameters()}
 
 
 _HYPERPARAMETERS = ("betas", "eps", "weight_decay", "initial_lr")
@@ -192,14 +254,67 @@ class DeepSpeedEngine(Engine):
                 opt.__dict__.pop(k, None)
             opt.__dict__.update(saved)
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        if hasattr(self.optimizer, "_load_legacy_checkpoint"):  # ZeRO 1/2: this rank's partition
+    def _zero(self):
+        """DeepSpeed's ZeRO 1/2 optimizer, or None (ZeRO 0: the torch optimizer itself)."""
+        return self.optimizer if hasattr(self.optimizer, "single_partition_of_fp32_groups") else None
+
+    def _parameter_states(self) -> dict[nn.Parameter, dict[str, Any]]:
+        zero = self._zero()
+        if zero is None:
+            return super()._parameter_states()
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        flats, base = zero.single_partition_of_fp32_groups, zero.optimizer
+        if not all(base.state.get(flat) for flat in flats):  # no step taken yet (DeepSpeed creates state lazily)
+            return {}
+        self._link_zero_states()
+        states = {}
+        for flat, params in zip(flats, zero.bit16_groups):
+            keys = [k for k, v in base.state[flat].items() if torch.is_tensor(v) and v.shape == flat.shape]
+            step = float(base.state[flat]["step"])
+            for param in params:  # collective: all-reduced over the data-parallel group, parameter by parameter
+                states[param] = {"step": step, **{k: safe_get_full_optimizer_state(param, k).cpu() for k in keys}}
+        return states
+
+    def _set_parameter_states(self, states: dict[nn.Parameter, dict[str, Any]]) -> None:
+        """ZeRO: create the state of each flat partition, then let DeepSpeed copy every parameter's moments and
+        fp32 master weights (from the loaded model) into the partitions that hold them."""
+        zero = self._zero()
+        if zero is None:
+            return super()._set_parameter_states(states)
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        flats, base = zero.single_partition_of_fp32_groups, zero.optimizer
+        for flat, params in zip(flats, zero.bit16_groups):
+            saved = [states[p] for p in params if p in states]
+            base.state.pop(flat, None)
+            if not saved:
+                continue
+            keys = sorted({k for s in saved for k in s if k != "step"})
+            base.state[flat] = {"step": torch.tensor(max(s["step"] for s in saved), dtype=torch.float32),
+                                **{k: torch.zeros_like(flat) for k in keys}}
+        self._link_zero_states()
+        for params in zero.bit16_groups:
+            for param in params:
+                safe_set_full_fp32_param(param, param.detach())
+                for key, value in states.get(param, {}).items():
+                    if key != "step":
+                        safe_set_full_optimizer_state(param, value.to(param.device, torch.float32), key)
+
+    def _link_zero_states(self) -> None:
+        """Point DeepSpeed's per-parameter fragments at the flat partitions' current state (it links them lazily
+        at its first step; before that, or after new state was set, the safe_* functions need it done)."""
+        zero = self._zero()
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def _load_legacy_state(self, state: dict[str, Any]) -> None:
+        if self._zero() is not None:  # this rank's partition, saved by the same layout
             states = [None] * parallel_state.get_data_parallel_world_size()
             states[parallel_state.get_data_parallel_rank()] = state["optimizer"]
             self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
         else:
-            super()._load_state(state)
+            super()._load_legacy_state(state)
 
 
 def safe_checkpoint_globals() -> list[Callable]:

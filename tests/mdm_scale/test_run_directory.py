@@ -97,3 +97,18 @@ def test_lock_is_released_when_training_fails(dims, tmp_path):
         train(_cfg(tmp_path, "optimizer.lr=1e30", "optimizer.warmup_steps=0", "optimizer.grad_clip=0"))
     assert not (tmp_path / "run" / ".lock").exists()
     torch.manual_seed(0)
+
+
+def test_a_new_parallel_layout_needs_the_flag_and_is_recorded(tmp_path):
+    """Checkpoints reshard (tests/parallel/test_reshard.py), so a run may move to another layout or micro-batch
+    split, but only on purpose: without train.allow_config_change the start is refused, naming the keys."""
+    from mdm_scale.run_directory import check_run_directory
+
+    check_run_directory(_cfg(tmp_path))
+    moved = ["parallel.tensor_parallel=2", "parallel.zero_stage=1", "data.micro_batch_size=2"]
+    with pytest.raises(RunDirError, match=r"parallel\.tensor_parallel 1 -> 2.*train\.allow_config_change=true"):
+        check_run_directory(_cfg(tmp_path, *moved))
+    changes = check_run_directory(_cfg(tmp_path, *moved, "train.allow_config_change=true"))
+    assert {"parallel.tensor_parallel", "parallel.zero_stage", "data.micro_batch_size"} <= set(changes)
+    history = [json.loads(line) for line in (tmp_path / "run" / HISTORY_FILE).read_text().splitlines()]
+    assert history[-1]["changes"]["parallel.tensor_parallel"] == [1, 2]

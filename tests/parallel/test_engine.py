@@ -116,14 +116,14 @@ def test_sharded_checkpoint_resume_equals_uninterrupted_run(tmp_path, layout):
 
 
 def test_data_parallel_checkpoint_holds_one_copy_of_the_weights(tmp_path):
-    """DP = 4 with ZeRO 1: one model file (the weights once, measured in bytes), four optimizer partitions that
-    together hold one copy of the Adam state, and every rank's own trainer state."""
+    """DP = 4 with ZeRO 1: one model file (the weights once, measured in bytes), one optimizer file (the Adam
+    moments once, per parameter, gathered from the four ZeRO partitions), and every rank's own trainer state."""
     ranks = run_ranks(4, workers.train_run, [*STEPS, "train.steps=2", f"run_dir={tmp_path}",
                                              "data.micro_batch_size=2", "parallel.zero_stage=1"])
     checkpoint = Path(ranks[0]["checkpoint"])
     names = sorted(p.name for p in checkpoint.iterdir())
     assert [n for n in names if n.startswith("model-")] == ["model-tp0-pp0.safetensors"]
-    assert [n for n in names if n.startswith("optimizer-")] == [f"optimizer-tp0-pp0-dp{d}.pt" for d in range(4)]
+    assert [n for n in names if n.startswith("optimizer-")] == ["optimizer-tp0-pp0.safetensors"]
     assert [n for n in names if n.startswith("trainer-")] == [f"trainer-tp0-pp0-dp{d}.pt" for d in range(4)]
     weight_bytes = sum(t.numel() * t.element_size() for t in ranks[0]["params"].values())
     on_disk = (checkpoint / "model-tp0-pp0.safetensors").stat().st_size

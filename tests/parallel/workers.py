@@ -94,13 +94,14 @@ def _nelbo_gradients(objective: str, tensor_parallel: int) -> dict:
 
 def train_run(rank: int, overrides: list[str]) -> dict:
     """train() with SMALL + overrides; returns losses, the full final parameters (from the checkpoint this rank
-    wrote) and the number of optimizer-state elements this rank holds (Adam moments, ZeRO partitions)."""
+    wrote) and the number of optimizer-state elements this rank holds (Adam moments, ZeRO partitions) once an
+    engine of this layout has loaded that checkpoint (the file holds every parameter's moments once per place)."""
     from megatron.core import parallel_state
 
     from mdm_scale.config import load_config
     from mdm_scale.metrics import read_metrics
     from mdm_scale.model import build_model
-    from mdm_scale.train import train
+    from mdm_scale.train import build_training_engine, train
     from parallel.checkpoint import load_checkpoint
     from parallel.consolidate import model_layout, to_local
     from parallel.distributed import init_distributed
@@ -116,15 +117,17 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     model = build_model(cfg, 257, dims)
     layout = model_layout(model)
     model.load_state_dict(to_local(ckpt.model, layout))
-    optimizer = ckpt.optimizer["optimizer"]
-    base = optimizer.get("base_optimizer_state", optimizer)  # ZeRO wraps torch's state
+    engine = build_training_engine(model, cfg, dims)
+    engine.load_optimizer_state(ckpt.optimizer)
+    zero = getattr(engine.optimizer, "single_partition_of_fp32_groups", None) is not None
+    held = engine.optimizer.optimizer.state if zero else engine.optimizer.state  # ZeRO: this rank's partitions
     logged = read_metrics(cfg.run_dir)  # rank 0's log
     return {
         "losses": result.losses,
         "grad_norms": {m["step"]: m["train/grad_norm"] for m in logged if "train/grad_norm" in m},
         "params": {layout[n].global_name: full_tensor(p) for n, p in model.named_parameters()},
         "shard_shapes": {layout[n].global_name: p.shape for n, p in model.named_parameters()},
-        "adam_state_numel": _numel(base.get("state", {})),
+        "adam_state_numel": _numel(dict(held)),
         "checkpoint": result.checkpoint,
         "time_sampler": ckpt.trainer["time_sampler"],
     }
