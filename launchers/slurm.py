@@ -2,6 +2,7 @@
 
     python launchers/slurm.py --nodes 16 config=owt_1b
     python launchers/slurm.py --nodes 16 --dry-run config=owt_1b              # print the sbatch script, submit nothing
+    python launchers/slurm.py --nodes 16 --plan config=owt_1b                 # memory, checkpoint, comm per rank
     python launchers/slurm.py --nodes 2 --array objective=mdlm,lomdm --array model.num_layers=12,24 config=owt_small
     python launchers/slurm.py --gpus-per-node 0 --tasks-per-node 2 config=tiny   # CPU tasks (gloo)
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep: one job-array element per combination of the listed values (repeatable)")
     p.add_argument("--array-parallelism", type=int, default=64, help="array elements running at once")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and layout; submit nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each rank will hold (parameters, memory, checkpoint, communication; "
+                        "parallel/plan.py); submit nothing")
     p.add_argument("overrides", nargs="*", help="config=<name> and key=value overrides")
     return p
 
@@ -166,6 +170,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        from parallel.plan import Layout, print_plan
+
+        for cfg in configs:
+            p = cfg.parallel
+            print(print_plan(cfg, Layout(args.nodes, tasks_per_node(args), p.tensor_parallel, p.pipeline_parallel,
+                                         p.zero_stage, gpu=args.gpus_per_node > 0)))
+        return 0
     first = configs[0]
     job_name = args.job_name or first.name
     folder = Path(first.run_dir if len(configs) == 1 else Path(first.run_dir).parent).resolve() / "slurm"
