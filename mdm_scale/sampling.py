@@ -128,7 +128,6 @@ def eb_counts(proxy: Tensor, candidates: Tensor, gamma: float) -> Tensor:
     return torch.where(candidates.any(-1), count.clamp_min(1), torch.zeros_like(count))
 
 
-@torch.no_grad()
 @dataclass
 class PolicyStep:
     """What an order policy sees at one denoising step."""
@@ -228,6 +227,7 @@ ADAPTIVE_POLICIES = ("eb",)
 """Policies that ignore the time grid: they stop when nothing is masked (t = the fraction still masked)."""
 
 
+@torch.no_grad()
 def generate(
     denoiser: Denoiser,
     schedule: Schedule,

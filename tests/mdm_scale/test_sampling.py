@@ -310,6 +310,14 @@ def test_nucleus_keeps_the_smallest_top_set_and_renormalises():
     assert torch.allclose(nucleus(probs, 1.0), probs)
 
 
+def test_generation_builds_no_autograd_graph(dims):
+    denoiser = _denoiser()
+    grad_enabled = []
+    denoiser.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    generate(denoiser, UnivariateSchedule(), num_samples=1, seq_len=16, nfe=2, generator=torch.Generator().manual_seed(0))
+    assert grad_enabled and not any(grad_enabled)
+
+
 def test_every_configurable_policy_has_one_step_function():
     from mdm_scale.config import POLICIES
     from mdm_scale.sampling import ADAPTIVE_POLICIES, POLICY_STEPS

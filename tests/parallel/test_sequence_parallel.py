@@ -36,7 +36,7 @@ def test_sequence_parallel_matches_single_process(single_and_sequence_parallel, 
         if g_ref is None:
             assert g is None, name
             continue
-        tolerance = 1e-5 * g_ref.abs().max().item() + 1e-7 * overall
+        tolerance = 2e-5 * g_ref.abs().max().item() + 1e-7 * overall  # fp32 sums in another order
         assert (g - g_ref).abs().max().item() <= tolerance, name
         assert torch.equal(ranks[1]["grads"][name], g), name
         checked += 1
