@@ -128,23 +128,7 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
              f"pp{parallel_state.get_pipeline_model_parallel_rank()}-dp{dp_rank}")
     run_dir = Path(cfg.run_dir)
 
-    # Data: checksummed shards (the user's, or the embedded corpus packed on first use), one slice per DP rank.
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cache_dir = Path(cfg.data.cache_dir).expanduser()
-    remote = cfg.data.remote or None
-    if remote:
-        data_root = remote_cache_root(remote, cache_dir)
-    elif cfg.data.path:
-        data_root = Path(cfg.data.path).expanduser()
-    else:
-        if dims.is_main:
-            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
-        torch.distributed.barrier()
-        data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
-    batches = open_split(data_root, "train", tokenizer, seq_len=cfg.data.seq_len,
-                         batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
-                         num_workers=cfg.data.num_workers, remote=remote)
-    eval_batches = _eval_batches(data_root, tokenizer, cfg, remote)
+    tokenizer, batches, eval_batches = _open_data(cfg, dims, dp_rank, dp_size)
 
     # Model, optimizer engine (AdamW, or DeepSpeed ZeRO across ranks), noise generator.
     torch.manual_seed(cfg.train.seed)
@@ -153,21 +137,10 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     engine = build_training_engine(model, cfg, dims)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
     sampler = TimeSampler.from_config(cfg.objective)  # P-POTS statistics: identical on every rank, checkpointed
-    step = 0
     ckpt_dir = run_dir / "checkpoints"
     layout = model_layout(model)  # checkpoints use layout-independent (global) tensor names
-    if cfg.checkpoint.resume and (ckpt := latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals(),
-                                                            reshard=RankLayout.of(model))):  # from any layout
-        try:
-            model.load_state_dict(to_local(ckpt.model, layout))
-        except RuntimeError as e:  # the run-directory check makes this rare: a config.yaml edited by hand
-            raise CheckpointError(f"{ckpt.path} does not fit this model ({str(e).splitlines()[0]} ...)") from None
-        engine.load_optimizer_state(ckpt.optimizer)
-        _restore_trainer_state(ckpt.trainer, generator, batches, sampler)
-        step = ckpt.step
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dims.device.type == "cuda")
-                else nullcontext())
+    ckpt = _resume(cfg, ckpt_dir, shard, model, engine, generator, batches, sampler)
+    step = ckpt.step if ckpt else 0
     logger = MetricsLogger(cfg.logging, run_dir=str(run_dir), run_name=cfg.name, config=asdict(cfg),
                            total_steps=cfg.train.steps, start_step=step, enabled=dims.is_main)
     missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
@@ -179,7 +152,7 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     result = TrainResult(step=step)
 
     def evaluate() -> None:
-        with autocast:
+        with _autocast(cfg, dims):
             metrics = evaluate_nelbo(denoiser, schedule, eval_batches, cfg.objective,
                                      time_samples=cfg.train.eval_time_samples, device=dims.device)
         result.evals[step] = metrics["nelbo"]
@@ -210,36 +183,9 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
           "data_parallel_group": parallel_state.get_data_parallel_group()}
     schedule_parameters = [p for n, p in model.named_parameters() if is_schedule_parameter(n)]
     while step < last_step:
-        # One optimizer step over grad_accumulation micro-batches [b, l].
-        # Tokens, and document ids when the data was packed per document (then attention stays in a document).
-        split = [split_document_ids(next(batches).to(dims.device)) for _ in range(cfg.data.grad_accumulation)]
-        micro_batches, document_ids = [x for x, _ in split], [ids for _, ids in split]
-        with autocast:
-            if dims.pipeline_parallel > 1:  # megatron's 1F1B schedule runs forward and backward
-                all_terms = pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
-                                           sampler=sampler, document_ids=document_ids, **dp)
-                loss = last_stage_mean([terms.nelbo.item() for terms in all_terms], dims.device)
-                sync_pipeline_replicas(schedule)
-                finite = True  # the loss (on every stage) and the gradients are checked below
-            else:
-                loss, finite, all_terms = 0.0, True, []
-                for x0, ids in zip(micro_batches, document_ids):
-                    terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, sampler=sampler,
-                                           document_ids=ids, **dp)
-                    engine.backward(terms.loss)
-                    loss += terms.nelbo.item() / len(micro_batches)
-                    finite = finite and math.isfinite(terms.loss.item())
-                    all_terms.append(terms)
-        # A NaN/inf is caught before the optimizer applies it; every rank takes the same decision.
-        finite = _all_ranks_finite(finite and math.isfinite(loss), model, dims.device)
-        if not finite and cfg.train.nonfinite == "stop":
-            raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
-                                     f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
-        schedule_norm = _grad_norm(schedule_parameters)  # before the step clears the gradients
-        grad_norm = engine.step(skip=not finite)
-        if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
-            sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
-                              for k in ("t", "per_sequence", "t_weight", "token_square")))
+        loss, finite, grad_norm, schedule_norm, tokens = _optimizer_step(
+            cfg, dims, model, engine, batches=batches, generator=generator, sampler=sampler,
+            schedule_parameters=schedule_parameters, step=step, dp=dp)
         step += 1
         loss = _data_parallel_mean(loss, dp_size, dims.device)
         result.losses[step] = loss
@@ -247,8 +193,6 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
             result.skipped.append(step)
             logger.write(f"WARNING: skipped step {step}: non-finite loss or gradient (loss {loss}); no update "
                          f"(train.nonfinite=skip, {len(result.skipped)} skipped so far)")
-        paired = cfg.objective.mask_pairs == "mirror" or cfg.objective.score_baseline == "two_draw"  # rows = 2 x data
-        tokens = sum(x.numel() for x in micro_batches) * dp_size * (2 if paired else 1)
         logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr,
                                    **({"grad_norm_schedule": schedule_norm} if schedule_norm is not None else {})})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
@@ -274,6 +218,91 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     logger.write(f"checkpoint: {result.checkpoint}")
     logger.close()
     return result
+
+
+def _resume(cfg: RunConfig, ckpt_dir: Path, shard: str, model: nn.ModuleDict, engine, generator, batches, sampler):
+    """Load the newest verified checkpoint of the run (saved on any layout: resharded) into the weights, the
+    optimizer and the trainer state (noise RNG, time sampler, data position); None when there is none."""
+    if not cfg.checkpoint.resume:
+        return None
+    ckpt = latest_checkpoint(ckpt_dir, shard, safe_globals=safe_checkpoint_globals(), reshard=RankLayout.of(model))
+    if ckpt is None:
+        return None
+    try:
+        model.load_state_dict(to_local(ckpt.model, model_layout(model)))
+    except RuntimeError as e:  # the run-directory check makes this rare: a config.yaml edited by hand
+        raise CheckpointError(f"{ckpt.path} does not fit this model ({str(e).splitlines()[0]} ...)") from None
+    engine.load_optimizer_state(ckpt.optimizer)
+    _restore_trainer_state(ckpt.trainer, generator, batches, sampler)
+    return ckpt
+
+
+def _open_data(cfg: RunConfig, dims: ParallelDims, dp_rank: int, dp_size: int):
+    """(tokenizer, resumable training batches of this DP rank, the fixed held-out batches): checksummed shards,
+    the user's or the embedded corpus packed on first use."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cache_dir = Path(cfg.data.cache_dir).expanduser()
+    remote = cfg.data.remote or None
+    if remote:
+        data_root = remote_cache_root(remote, cache_dir)
+    elif cfg.data.path:
+        data_root = Path(cfg.data.path).expanduser()
+    else:
+        if dims.is_main:
+            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
+        torch.distributed.barrier()
+        data_root = embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, cache_dir)
+    batches = open_split(data_root, "train", tokenizer, seq_len=cfg.data.seq_len,
+                         batch_size=cfg.data.micro_batch_size, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
+                         num_workers=cfg.data.num_workers, remote=remote)
+    return tokenizer, batches, _eval_batches(data_root, tokenizer, cfg, remote)
+
+
+def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, engine, *, batches, generator,
+                    sampler, schedule_parameters: list[nn.Parameter], step: int, dp: dict):
+    """One optimizer step over grad_accumulation micro-batches [b, l] (tokens, and document ids when the data was
+    packed per document): forward and backward (megatron's 1F1B schedule under PP), the all-rank finiteness
+    check before the update, the update, and the time sampler's statistics. Returns (this rank's mean loss,
+    finite, global gradient norm, the schedule's gradient norm or None, tokens of the global step)."""
+    denoiser, schedule = model["denoiser"], model["schedule"]
+    split = [split_document_ids(next(batches).to(dims.device)) for _ in range(cfg.data.grad_accumulation)]
+    micro_batches, document_ids = [x for x, _ in split], [ids for _, ids in split]
+    with _autocast(cfg, dims):
+        if dims.pipeline_parallel > 1:
+            all_terms = pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
+                                       sampler=sampler, document_ids=document_ids, **dp)
+            loss = last_stage_mean([terms.nelbo.item() for terms in all_terms], dims.device)
+            sync_pipeline_replicas(schedule)
+            finite = True  # the loss (on every stage) and the gradients are checked below
+        else:
+            loss, finite, all_terms = 0.0, True, []
+            for x0, ids in zip(micro_batches, document_ids):
+                terms = training_nelbo(denoiser, schedule, x0, cfg.objective, generator, sampler=sampler,
+                                       document_ids=ids, **dp)
+                engine.backward(terms.loss)
+                loss += terms.nelbo.item() / len(micro_batches)
+                finite = finite and math.isfinite(terms.loss.item())
+                all_terms.append(terms)
+    # A NaN/inf is caught before the optimizer applies it; every rank takes the same decision.
+    finite = _all_ranks_finite(finite and math.isfinite(loss), model, dims.device)
+    if not finite and cfg.train.nonfinite == "stop":
+        raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
+                                 f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
+    schedule_norm = _grad_norm(schedule_parameters)  # before the step clears the gradients
+    grad_norm = engine.step(skip=not finite)
+    if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
+        sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
+                          for k in ("t", "per_sequence", "t_weight", "token_square")))
+    paired = cfg.objective.mask_pairs == "mirror" or cfg.objective.score_baseline == "two_draw"  # rows = 2 x data
+    tokens = sum(x.numel() for x in micro_batches) * dims.data_parallel * (2 if paired else 1)
+    return loss, finite, grad_norm, schedule_norm, tokens
+
+
+def _autocast(cfg: RunConfig, dims: ParallelDims):
+    """bf16 autocast on GPU (train.precision auto or bf16), nothing on CPU."""
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dims.device.type == "cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _grad_norm(parameters: list[nn.Parameter]) -> float | None:
