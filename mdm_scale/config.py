@@ -280,6 +280,11 @@ class OptimizerConfig:
     """Peak learning rate of the learned schedule's parameters (MDM-LS position logits, LoMDM scheduler heads)
     as a multiple of lr: their own AdamW group, same warm-up and cosine. 1 = one learning rate for everything.
     The small experiments need 10-30 (docs/results.md: at 1 the UCI Adult exponents stay within 0.4-1.4)."""
+    schedule_grad_clip: float = 0.0
+    """Clip the learned schedule's gradient norm on its own to this value, and the rest to grad_clip on theirs;
+    0 = one global norm over every parameter (MDLM's). Why: the schedule's score-function gradient is noisy and
+    can be most of the global norm (lomdm_paper on char_lm: 90-99%), so a shared clip rescales the denoiser's
+    update by the scheduler's noise, step by step (docs/objective.md, section 4d)."""
 
     def __post_init__(self) -> None:
         _finite(self.lr, "optimizer.lr", 0, low_open=True)
@@ -292,6 +297,7 @@ class OptimizerConfig:
         _finite(self.min_lr_ratio, "optimizer.min_lr_ratio", 0, 1)
         _finite(self.grad_clip, "optimizer.grad_clip", 0)
         _finite(self.schedule_lr_mult, "optimizer.schedule_lr_mult", 0, low_open=True)
+        _finite(self.schedule_grad_clip, "optimizer.schedule_grad_clip", 0)
 
 
 @dataclass

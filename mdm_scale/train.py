@@ -31,6 +31,7 @@ from mdm_scale.sampling import generate, sampler_options
 from mdm_scale.schedules import is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint, save_checkpoint
+from parallel.clipping import SplitClip
 from parallel.consolidate import RankLayout, model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
@@ -63,7 +64,8 @@ def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
     """AdamW with warm-up + cosine decay, wrapped by the engine `cfg.parallel` asks for (plain, or DeepSpeed ZeRO).
 
     Two parameter groups: the network at lr and the learned schedule's parameters at schedule_lr_mult x lr (LambdaLR
-    scales each group's own base lr, so both follow the same warm-up and cosine); an empty group is left out."""
+    scales each group's own base lr, so both follow the same warm-up and cosine); an empty group is left out.
+    With optimizer.schedule_grad_clip the two sets are clipped on their own norms (parallel/clipping.py)."""
     opt = cfg.optimizer
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if not is_schedule_parameter(n)], "lr": opt.lr},
@@ -73,9 +75,12 @@ def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )
+    split_clip = None
+    if opt.schedule_grad_clip:
+        split_clip = SplitClip(model, groups[1]["params"], opt.grad_clip, opt.schedule_grad_clip)
     return build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
                         grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size,
-                        pipeline_parallel=dims.pipeline_parallel)
+                        pipeline_parallel=dims.pipeline_parallel, split_clip=split_clip)
 
 
 def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig, remote: str | None) -> list[torch.Tensor]:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from parallel.clipping import SplitClip
+
 
 class MegatronMPU:
     """megatron-core's parallel_state with the three methods DeepSpeed asks of an `mpu` that it lacks."""
@@ -148,12 +150,13 @@ _HYPERPARAMETERS = ("betas", "eps", "weight_decay", "initial_lr")
 
 
 class LocalEngine(Engine):
-    """Single process: torch AdamW, global-norm clipping, LR schedule stepped once per optimizer step."""
+    """Single process: torch AdamW, global-norm clipping (or split: parallel/clipping.py), LR schedule stepped once
+    per optimizer step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
-                 grad_accumulation: int):
+                 grad_accumulation: int, split_clip: SplitClip | None = None):
         self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
-        self.grad_clip, self.grad_accumulation = grad_clip, grad_accumulation
+        self.grad_clip, self.grad_accumulation, self.split_clip = grad_clip, grad_accumulation, split_clip
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
@@ -164,7 +167,10 @@ class LocalEngine(Engine):
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
+        if self.split_clip is not None:
+            norm = self.split_clip.clip(self.model.parameters())
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,7 +189,8 @@ class DeepSpeedEngine(Engine):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
-                 grad_accumulation: int, micro_batch_size: int, zero_stage: int, external_backward: bool = False):
+                 grad_accumulation: int, micro_batch_size: int, zero_stage: int, external_backward: bool = False,
+                 split_clip: SplitClip | None = None):
         import deepspeed
 
         self.external_backward = external_backward
@@ -197,29 +204,95 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        if zero_stage == 0 and not grad_clip:
-            config["gradient_clipping"] = float("inf")  # no clipping, but DeepSpeed then computes the norm
+        if zero_stage == 0 and (not grad_clip or split_clip is not None):
+            config["gradient_clipping"] = float("inf")  # DeepSpeed then calls clip_fp32_gradients, which we replace
+        if zero_stage > 0 and split_clip is not None:
+            config["gradient_clipping"] = 0.0  # DeepSpeed still computes the norm; _clip_zero_apart clips
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, mpu=MegatronMPU(),
             dist_init_required=False,
         )
         self.model = model
         if zero_stage == 0:
-            self._keep_clipping_norm()
+            self._keep_clipping_norm(split_clip)
+        elif split_clip is not None:
+            self._clip_zero_apart(split_clip)
 
-    def _keep_clipping_norm(self) -> None:
+    def _keep_clipping_norm(self, split_clip: SplitClip | None) -> None:
         """ZeRO 0 with a torch optimizer: DeepSpeed computes the global gradient norm when it clips (after the
         data-parallel reduction, before the update, TP-aware through the mpu) but drops it, so
-        get_global_grad_norm() is None. Keep the value its clipping returns; ZeRO 1/2 record theirs."""
-        from deepspeed.runtime.utils import clip_grad_norm_
+        get_global_grad_norm() is None. Keep the value its clipping returns; ZeRO 1/2 record theirs. With a split
+        clip, the gradients (already reduced over data parallelism) are clipped set by set, counted as DeepSpeed
+        counts them: tensor-parallel shards on every TP rank, duplicated parameters on TP rank 0."""
+        from deepspeed.runtime.utils import clip_grad_norm_, is_model_parallel_parameter
 
         engine = self.engine
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+        def model_parallel_sum(t: torch.Tensor) -> None:
+            if MegatronMPU().get_model_parallel_world_size() > 1:
+                dist.all_reduce(t, group=parallel_state.get_model_parallel_group())
 
         def clip_and_keep_norm():
-            engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                       max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            if split_clip is not None:
+                engine._global_grad_norm = split_clip.clip(
+                    engine.module.parameters(), counted=lambda p: tp_rank == 0 or is_model_parallel_parameter(p),
+                    reduce=model_parallel_sum)
+            else:
+                engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                           max_norm=engine.gradient_clipping(), mpu=engine.mpu)
 
         engine.clip_fp32_gradients = clip_and_keep_norm
+
+    def _clip_zero_apart(self, split_clip: SplitClip) -> None:
+        """ZeRO 1/2: DeepSpeed (told not to clip) computes the gradient norm in `scaled_global_norm` from each
+        rank's partitions, then updates one flat group at a time in `_optimizer_step(i)`. Replace the first by the
+        two set norms (its own counting rule and reductions: data-parallel, then model-parallel), and scale each
+        flat group's partition gradient by its set's factor before the second. Each flat group is one AdamW param
+        group, so all of one set (mdm_scale.train builds them so)."""
+        zero = self._zero()
+        missing = [a for a in ("scaled_global_norm", "_optimizer_step", "averaged_gradients", "params_in_partition",
+                               "single_partition_of_fp32_groups", "_model_parallel_all_reduce") if not hasattr(zero, a)]
+        if missing:
+            raise RuntimeError(f"optimizer.schedule_grad_clip with ZeRO 1/2 relies on DeepSpeedZeroOptimizer's "
+                               f"{', '.join(missing)}, which this DeepSpeed lacks; use parallel.zero_stage=0 or "
+                               f"optimizer.schedule_grad_clip=0")
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        set_of_group = []
+        for params in zero.bit16_groups:
+            sets = {split_clip.set_of(p) for p in params}
+            if len(sets) > 1:
+                raise RuntimeError("a ZeRO parameter group mixes schedule and denoiser parameters; split clipping "
+                                   "needs them in separate optimizer groups")
+            set_of_group.append(sets.pop() if sets else 0)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        factors: list[float] = [1.0, 1.0]
+
+        def reduce(t: torch.Tensor) -> None:
+            dist.all_reduce(t, group=zero.dp_process_group)
+            zero._model_parallel_all_reduce(tensor=t, op=dist.ReduceOp.SUM)
+
+        def pairs():
+            for i, gradients in enumerate(zero.averaged_gradients[k] for k in range(len(zero.bit16_groups))):
+                grads = (g for g in gradients or () if not getattr(g, "_zero_padding", False))
+                for grad, param in zip(grads, zero.params_in_partition[i]):
+                    if tp_rank == 0 or is_model_parallel_parameter(param):
+                        yield param, grad
+
+        def scaled_global_norm(norm_type=2):
+            norms = split_clip.norms(pairs(), reduce)
+            factors[:] = split_clip.factors(norms)
+            return norms.norm()
+
+        update_group = zero._optimizer_step
+
+        def clip_then_update(i):
+            if factors[set_of_group[i]] != 1.0:
+                zero.single_partition_of_fp32_groups[i].grad.mul_(factors[set_of_group[i]])
+            update_group(i)
+
+        zero.scaled_global_norm, zero._optimizer_step = scaled_global_norm, clip_then_update
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.external_backward:
@@ -329,12 +402,15 @@ def safe_checkpoint_globals() -> list[Callable]:
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, zero_stage: int,
-                 grad_clip: float, grad_accumulation: int, micro_batch_size: int, pipeline_parallel: int = 1):
+                 grad_clip: float, grad_accumulation: int, micro_batch_size: int, pipeline_parallel: int = 1,
+                 split_clip: SplitClip | None = None):
     """Plain AdamW on one process with zero_stage 0; DeepSpeed otherwise (any data parallelism or ZeRO).
 
     Args:
         zero_stage: 0 (replicated optimizer state), 1 (sharded state) or 2 (sharded state and gradients).
         pipeline_parallel: PP size; PP > 1 runs its backward in megatron's schedule (ZeRO 0 or 1 only).
+        split_clip: clip the learned schedule's gradient on its own norm (parallel/clipping.py); None = one
+            global norm at grad_clip.
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {zero_stage}")
@@ -345,11 +421,12 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=1,
                                micro_batch_size=micro_batch_size * grad_accumulation, zero_stage=zero_stage,
-                               external_backward=True)
+                               external_backward=True, split_clip=split_clip)
     if dist.get_world_size() == 1 and zero_stage == 0:
-        return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation)
+        return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
+                           split_clip=split_clip)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # DeepSpeed reads LOCAL_RANK; torchrun and submitit set it, a lone `python launchers/local.py` does not.
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
-                           micro_batch_size=micro_batch_size, zero_stage=zero_stage)
+                           micro_batch_size=micro_batch_size, zero_stage=zero_stage, split_clip=split_clip)

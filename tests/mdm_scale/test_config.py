@@ -77,6 +77,8 @@ def test_bad_override_exits_nonzero_before_anything_starts():
     (["sampling.policy=greedy"], "sampling.policy must be one of ancestral"),
     (["sampling.seq_len=256"], "sampling.seq_len 256 exceeds data.seq_len 128"),
     (["optimizer.lr=0"], "optimizer.lr"),
+    (["optimizer.schedule_grad_clip=-1"], "optimizer.schedule_grad_clip"),
+    (["optimizer.schedule_grad_clip=.nan"], "optimizer.schedule_grad_clip"),
     (["data.path=a", "data.remote=s3://b"], "both set"),
 ])
 def test_out_of_range_values_are_refused_at_load_naming_the_key(overrides, key):
