@@ -128,7 +128,6 @@ def _autocast(device: torch.device, dtype: str):
 
 def build_our_step(cfg, vocab_size: int, dims, dtype: str) -> tuple[Callable, torch.nn.Module]:
     """Our trainer's step for `cfg`, built with mdm_scale.train's functions as train() builds it."""
-    from megatron.core import parallel_state
 
     from mdm_scale.objective import training_nelbo
     from mdm_scale.model import build_model
@@ -139,9 +138,8 @@ def build_our_step(cfg, vocab_size: int, dims, dtype: str) -> tuple[Callable, to
     denoiser, schedule = model["denoiser"], model["schedule"]
     engine = build_training_engine(model, cfg, dims)
     generator = torch.Generator().manual_seed(cfg.train.seed + 1)
-    dp = {"data_parallel_rank": parallel_state.get_data_parallel_rank(),
-          "data_parallel_size": dims.data_parallel,
-          "data_parallel_group": parallel_state.get_data_parallel_group()}
+    dp = {"data_parallel_rank": dims.data_parallel_rank, "data_parallel_size": dims.data_parallel,
+          "data_parallel_group": dims.groups.dp}
     autocast = _autocast(dims.device, dtype)
 
     def step(x0: torch.Tensor) -> tuple[float, float]:

@@ -17,10 +17,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from mdm_scale.config import ModelConfig
 from mdm_scale.kernels import BACKENDS as KERNEL_BACKENDS
 from mdm_scale.kernels.linear_cross_entropy import denoiser_weighted_nll
+from parallel.distributed import current_process_groups, group_rank
 from parallel.layer_spec import denoiser_block_spec, denoiser_layer_spec, transformer_engine_available
 from parallel.sequence_parallel import mark_sequence_parallel
 
@@ -159,12 +161,15 @@ class Denoiser(MegatronModule):
             final features are gathered to the full sequence for the heads.
         causal: causal attention over the input shifted one slot right (slot 0 holds the mask id), so output i
             is a function of z_t^(<i) only: the left-to-right denoiser of every slice at once (objective.causal).
+        process_groups: megatron-core's process groups (ParallelDims.groups); None = those megatron's
+            parallel_state holds now (parallel.distributed.current_process_groups), or one process.
     """
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, max_seq_len: int, scheduler_heads: tuple[str, ...] = (),
                  scheduler_layers: int = 0, scheduler_position_bias: bool = True,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, on_gpu: bool = False,
-                 causal: bool = False, kernels: str = "auto", sequence_parallel: bool = False):
+                 causal: bool = False, kernels: str = "auto", sequence_parallel: bool = False,
+                 process_groups: ProcessGroupCollection | None = None):
         config = transformer_config(cfg, tensor_parallel_size=tensor_parallel_size,
                                     pipeline_parallel_size=pipeline_parallel_size, on_gpu=on_gpu,
                                     sequence_parallel=sequence_parallel)
@@ -172,8 +177,10 @@ class Denoiser(MegatronModule):
         head_config = dataclasses.replace(config, sequence_parallel=False) if sequence_parallel else config
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
-        self.pre_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_first_stage()
-        self.post_process = pipeline_parallel_size == 1 or parallel_state.is_pipeline_last_stage()
+        self.process_groups = process_groups if process_groups is not None else current_process_groups()
+        stage = group_rank(self.process_groups, "pp")
+        self.pre_process = pipeline_parallel_size == 1 or stage == 0
+        self.post_process = pipeline_parallel_size == 1 or stage == pipeline_parallel_size - 1
         if pipeline_parallel_size > 1 and cfg.tie_embeddings:
             raise ValueError("model.tie_embeddings is not supported with pipeline parallelism yet")
         use_te = on_gpu and cfg.transformer_engine != "off" and transformer_engine_available()
@@ -216,7 +223,7 @@ class Denoiser(MegatronModule):
         self.kernels = kernels
 
     def _vocab_slice(self, shard_width: int) -> tuple[int, int]:
-        rank = parallel_state.get_tensor_model_parallel_rank() if self.config.tensor_model_parallel_size > 1 else 0
+        rank = group_rank(self.process_groups, "tp") if self.config.tensor_model_parallel_size > 1 else 0
         return rank * shard_width, (rank + 1) * shard_width
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -271,6 +278,13 @@ class Denoiser(MegatronModule):
             logits = logits.masked_fill(pad, PAD_LOGIT)
         return logits
 
+    def token_nll(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """-log p(target) per row of `output_logits`' [n, v_shard], [n], in fp32, reduced across TP shards."""
+        logits = logits.float()
+        if self.config.tensor_model_parallel_size > 1:
+            return tensor_parallel.vocab_parallel_cross_entropy(logits[:, None, :], targets[:, None])[:, 0]
+        return F.cross_entropy(logits, targets, reduction="none")
+
     def weighted_nll(self, hidden: Tensor, targets: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:
         """sum_i row_weight_i * (-log p(targets_i)) from [n, h] features (the masked positions: SUBS needs no
         others) through the output head, fused and chunked so no [n, V] logits tensor exists at once; vocab-parallel
@@ -295,11 +309,3 @@ def document_attention_mask(document_ids: Tensor) -> Tensor:
     """[b, l] document index of each position (packed sequences) -> [b, 1, l, l] bool attention mask, True where
     query and key belong to different documents (megatron's convention: True = may not attend)."""
     return (document_ids[:, None, :, None] != document_ids[:, None, None, :])
-
-
-def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """-log p(target) per row of [n, v_shard] logits, [n], in fp32, reduced across TP vocabulary shards."""
-    logits = logits.float()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        return tensor_parallel.vocab_parallel_cross_entropy(logits[:, None, :], targets[:, None])[:, 0]
-    return F.cross_entropy(logits, targets, reduction="none")

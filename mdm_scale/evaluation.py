@@ -67,7 +67,8 @@ def evaluate_nelbo(
         if denoiser.config.pipeline_model_parallel_size > 1:  # the same noise, through the pipeline
             terms = pipeline_nelbo(denoiser, schedule, [x0] * time_samples, cfg, generator, sampler=sampler,
                                    forward_only=True, document_ids=[document_ids] * time_samples)
-            total += last_stage_mean([x.nelbo.item() for x in terms], x0.device) * tokens * time_samples
+            stage_mean = last_stage_mean([x.nelbo.item() for x in terms], x0.device, denoiser.process_groups)
+            total += stage_mean * tokens * time_samples
             count += tokens * time_samples
             continue
         for _ in range(time_samples):

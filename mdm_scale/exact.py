@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from mdm_scale.denoiser import Denoiser, token_nll
+from mdm_scale.denoiser import Denoiser
 from mdm_scale.objective import velocity_matching
 
 
@@ -25,7 +25,8 @@ def pattern_nll(denoiser: Denoiser, x0: Tensor, patterns: Tensor) -> tuple[Tenso
     """For one sequence x0 [l]: NLL of x0^i at every position given each pattern's z, [P, l], and features."""
     z = torch.where(patterns, torch.full_like(patterns, denoiser.mask_id, dtype=torch.long), x0[None, :])
     hidden = denoiser(z)  # [P, l, h]
-    nll = token_nll(denoiser.output_logits(hidden.flatten(0, 1)), x0.repeat(len(patterns))).view(patterns.shape)
+    nll = denoiser.token_nll(denoiser.output_logits(hidden.flatten(0, 1)), x0.repeat(len(patterns)))
+    nll = nll.view(patterns.shape)
     return nll, hidden
 
 
@@ -198,7 +199,7 @@ def pattern_nll_batch(denoiser: Denoiser, x0: Tensor, patterns: Tensor, *, sched
     nll, head = [], []
     for start in range(0, len(z), rows_per_pass):
         hidden = denoiser(z[start:start + rows_per_pass])  # [r, l, h]
-        nll.append(token_nll(denoiser.output_logits(hidden.flatten(0, 1)),
+        nll.append(denoiser.token_nll(denoiser.output_logits(hidden.flatten(0, 1)),
                              targets[start:start + rows_per_pass].flatten()).view(-1, l))
         if scheduler_head is not None:
             head.append(denoiser.scheduler_logits(scheduler_head, hidden))

@@ -41,7 +41,7 @@ def build_model(cfg: RunConfig, vocab_size: int, dims: ParallelDims) -> nn.Modul
             scheduler_position_bias=cfg.objective.schedule.scheduler_position_bias,
             tensor_parallel_size=dims.tensor_parallel, pipeline_parallel_size=pipeline_parallel,
             on_gpu=dims.device.type == "cuda", kernels=cfg.kernels, causal=cfg.objective.causal,
-            sequence_parallel=cfg.parallel.sequence_parallel,
+            sequence_parallel=cfg.parallel.sequence_parallel, process_groups=dims.groups,
         )
         model = nn.ModuleDict({"denoiser": denoiser, "schedule": schedule})
         if cfg.parallel.sequence_parallel:

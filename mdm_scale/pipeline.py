@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor
 
 from mdm_scale.config import ObjectiveConfig
@@ -26,13 +26,14 @@ from mdm_scale.objective import (NelboTerms, apply_noise, check_batch, document_
                                  training_noise)
 from mdm_scale.schedules import Schedule
 from mdm_scale.time_sampling import TimeSampler
+from parallel.distributed import group_size
 
 
-def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+def _broadcast_from_last_stage(tensor: Tensor, groups: ProcessGroupCollection | None) -> Tensor:
+    stages = group_size(groups, "pp")
+    if stages == 1:
         return tensor
-    dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
+    dist.broadcast(tensor, src=dist.get_global_rank(groups.pp, stages - 1), group=groups.pp)
     return tensor
 
 
@@ -100,7 +101,7 @@ def pipeline_nelbo(
         for i in range(len(micro_batches)):
             logits = (denoiser.scheduler_logits("forward_scheduler", clean_features[i], masks[i]).detach()
                       if last_stage else torch.empty(b, l, device=device))
-            forward_logits[i] = _broadcast_from_last_stage(logits)
+            forward_logits[i] = _broadcast_from_last_stage(logits, denoiser.process_groups)
 
     # Pass 2: z_t through the pipeline; the loss on the last stage.
     terms_out: list[NelboTerms] = []
@@ -133,18 +134,18 @@ def pipeline_nelbo(
     return terms_out
 
 
-def last_stage_mean(values: list[float], device: torch.device) -> float:
+def last_stage_mean(values: list[float], device: torch.device, groups: ProcessGroupCollection | None) -> float:
     """Mean of per-micro-batch values that only the last pipeline stage holds, known on every stage."""
     t = torch.tensor([sum(values) / len(values) if values else 0.0], dtype=torch.float64, device=device)
-    return _broadcast_from_last_stage(t).item()
+    return _broadcast_from_last_stage(t, groups).item()
 
 
-def sync_pipeline_replicas(module: torch.nn.Module) -> None:
+def sync_pipeline_replicas(module: torch.nn.Module, groups: ProcessGroupCollection | None) -> None:
     """Sum the gradients of parameters replicated on every stage (MDM(LS) position logits: used to mask on the
     first stage, differentiated on the last) so all copies take the same step."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if group_size(groups, "pp") == 1:
         return
     for p in module.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(p.grad, group=groups.pp)

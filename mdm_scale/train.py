@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from torch import nn
 
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
@@ -128,9 +128,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> TrainResult:
 
 
 def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> TrainResult:
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.data_parallel
-    shard = (f"tp{parallel_state.get_tensor_model_parallel_rank()}-"
-             f"pp{parallel_state.get_pipeline_model_parallel_rank()}-dp{dp_rank}")
+    dp_rank, dp_size = dims.data_parallel_rank, dims.data_parallel
+    shard = f"tp{dims.tensor_parallel_rank}-pp{dims.pipeline_parallel_rank}-dp{dp_rank}"
     run_dir = Path(cfg.run_dir)
 
     tokenizer, batches, eval_batches = _open_data(cfg, dims, dp_rank, dp_size)
@@ -185,21 +184,21 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     last_step = min(cfg.train.stop_at or cfg.train.steps, cfg.train.steps)
     model.train()
     dp = {"data_parallel_rank": dp_rank, "data_parallel_size": dp_size,
-          "data_parallel_group": parallel_state.get_data_parallel_group()}
+          "data_parallel_group": dims.groups.dp}
     schedule_parameters = [p for n, p in model.named_parameters() if is_schedule_parameter(n)]
     while step < last_step:
-        loss, finite, grad_norm, schedule_norm, tokens = _optimizer_step(
-            cfg, dims, model, engine, batches=batches, generator=generator, sampler=sampler,
-            schedule_parameters=schedule_parameters, step=step, dp=dp)
+        outcome = _optimizer_step(cfg, dims, model, engine, batches=batches, generator=generator, sampler=sampler,
+                                  schedule_parameters=schedule_parameters, step=step, dp=dp)
         step += 1
-        loss = _data_parallel_mean(loss, dp_size, dims.device)
+        loss = _data_parallel_mean(outcome.loss, dims)
         result.losses[step] = loss
-        if not finite:
+        if not outcome.finite:
             result.skipped.append(step)
             logger.write(f"WARNING: skipped step {step}: non-finite loss or gradient (loss {loss}); no update "
                          f"(train.nonfinite=skip, {len(result.skipped)} skipped so far)")
-        logger.step(step, tokens, {"loss": loss, "grad_norm": grad_norm, "lr": engine.lr,
-                                   **({"grad_norm_schedule": schedule_norm} if schedule_norm is not None else {})})
+        logger.step(step, outcome.tokens, {"loss": loss, "grad_norm": outcome.grad_norm, "lr": engine.lr,
+                                           **({"grad_norm_schedule": outcome.schedule_norm}
+                                              if outcome.schedule_norm is not None else {})})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -263,12 +262,27 @@ def _open_data(cfg: RunConfig, dims: ParallelDims, dp_rank: int, dp_size: int):
     return tokenizer, batches, _eval_batches(data_root, tokenizer, cfg, remote)
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step reports to the loop."""
+
+    loss: float
+    """This rank's mean NELBO over its micro-batches (the loop averages it over data parallelism)."""
+    finite: bool
+    """False when any rank saw a non-finite loss or gradient (the update was skipped or the run stops)."""
+    grad_norm: float
+    """The global gradient norm before clipping."""
+    schedule_norm: float | None
+    """The learned schedule's gradient norm (this rank's gradients), None without schedule parameters."""
+    tokens: int
+    """Tokens of the global step (rows: a paired objective counts both draws)."""
+
+
 def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, engine, *, batches, generator,
-                    sampler, schedule_parameters: list[nn.Parameter], step: int, dp: dict):
+                    sampler, schedule_parameters: list[nn.Parameter], step: int, dp: dict) -> StepOutcome:
     """One optimizer step over grad_accumulation micro-batches [b, l] (tokens, and document ids when the data was
     packed per document): forward and backward (megatron's 1F1B schedule under PP), the all-rank finiteness
-    check before the update, the update, and the time sampler's statistics. Returns (this rank's mean loss,
-    finite, global gradient norm, the schedule's gradient norm or None, tokens of the global step)."""
+    check before the update, the update, and the time sampler's statistics."""
     denoiser, schedule = model["denoiser"], model["schedule"]
     split = [split_document_ids(next(batches).to(dims.device)) for _ in range(cfg.data.grad_accumulation)]
     micro_batches, document_ids = [x for x, _ in split], [ids for _, ids in split]
@@ -276,8 +290,8 @@ def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, en
         if dims.pipeline_parallel > 1:
             all_terms = pipeline_nelbo(denoiser, schedule, micro_batches, cfg.objective, generator,
                                        sampler=sampler, document_ids=document_ids, **dp)
-            loss = last_stage_mean([terms.nelbo.item() for terms in all_terms], dims.device)
-            sync_pipeline_replicas(schedule)
+            loss = last_stage_mean([terms.nelbo.item() for terms in all_terms], dims.device, dims.groups)
+            sync_pipeline_replicas(schedule, dims.groups)
             finite = True  # the loss (on every stage) and the gradients are checked below
         else:
             loss, finite, all_terms = 0.0, True, []
@@ -300,7 +314,7 @@ def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, en
                           for k in ("t", "per_sequence", "t_weight", "token_square")))
     paired = cfg.objective.mask_pairs == "mirror" or cfg.objective.score_baseline == "two_draw"  # rows = 2 x data
     tokens = sum(x.numel() for x in micro_batches) * dims.data_parallel * (2 if paired else 1)
-    return loss, finite, grad_norm, schedule_norm, tokens
+    return StepOutcome(loss, finite, grad_norm, schedule_norm, tokens)
 
 
 def _autocast(cfg: RunConfig, dims: ParallelDims):
@@ -334,13 +348,13 @@ def _all_ranks_finite(finite: bool, model: nn.Module, device: torch.device) -> b
     return bad.item() == 0
 
 
-def _data_parallel_mean(value: float, dp_size: int, device: torch.device) -> float:
+def _data_parallel_mean(value: float, dims: ParallelDims) -> float:
     """Average a per-rank scalar over the data-parallel group (the global batch's loss)."""
-    if dp_size == 1:
+    if dims.data_parallel == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return t.item() / dp_size
+    t = torch.tensor([value], dtype=torch.float64, device=dims.device)
+    torch.distributed.all_reduce(t, group=dims.groups.dp)
+    return t.item() / dims.data_parallel
 
 
 def _sample(cfg, denoiser, schedule, tokenizer, dims, logger) -> list[str]:

@@ -10,8 +10,13 @@ import os
 import socket
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # megatron-core is imported when processes start, not by the launchers that import this module
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class ParallelDims:
     tensor_parallel: int
     pipeline_parallel: int
     device: torch.device
+    groups: ProcessGroupCollection | None = None
+    """megatron-core's process groups of this rank (tp, pp, mp, dp); None for a model built without processes."""
 
     @property
     def data_parallel(self) -> int:
@@ -32,6 +39,44 @@ class ParallelDims:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tensor_parallel_rank(self) -> int:
+        return group_rank(self.groups, "tp")
+
+    @property
+    def pipeline_parallel_rank(self) -> int:
+        return group_rank(self.groups, "pp")
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return group_rank(self.groups, "dp")
+
+
+GROUP_NAMES = ["tp", "pp", "mp", "dp"]
+"""The process groups the project uses, by megatron-core's ProcessGroupCollection names."""
+
+
+def current_process_groups() -> ProcessGroupCollection | None:
+    """megatron-core's process groups (GROUP_NAMES) as its parallel_state holds them, or None before
+    `initialize_model_parallel`. `init_distributed` puts them in ParallelDims; a module built without them (a test,
+    a tool) takes these."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=GROUP_NAMES)
+
+
+def group_rank(groups: ProcessGroupCollection | None, name: str) -> int:
+    """This process's rank in group `name` (0 without groups)."""
+    return 0 if groups is None else dist.get_rank(group=getattr(groups, name))
+
+
+def group_size(groups: ProcessGroupCollection | None, name: str) -> int:
+    """The size of group `name` (1 without groups)."""
+    return 1 if groups is None else dist.get_world_size(group=getattr(groups, name))
 
 
 def _free_port() -> int:
@@ -115,4 +160,4 @@ def init_distributed(
             tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
         )
     mcore_tp.model_parallel_cuda_manual_seed(seed)
-    return ParallelDims(world, rank, local_rank, tensor_parallel, pipeline_parallel, dev)
+    return ParallelDims(world, rank, local_rank, tensor_parallel, pipeline_parallel, dev, current_process_groups())

@@ -214,14 +214,14 @@ def denoiser_weighted_nll(denoiser, hidden: Tensor, targets: Tensor, row_weight:
         hidden: [n, h] final-norm features of the masked positions (hidden[masked] in nelbo_from_features).
         targets: [n] x0 at those positions; row_weight: [n] weight at those positions (A_i(t) * t_weight).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     weight = denoiser.embedding.word_embeddings.weight if denoiser.tie_embeddings else denoiser.output_layer.weight
     lo, _ = denoiser._vocab_slice(weight.shape[0])
     group = None
     if denoiser.config.tensor_model_parallel_size > 1:
-        group = parallel_state.get_tensor_model_parallel_group()
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        group = denoiser.process_groups.tp
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=group)
     return weighted_linear_cross_entropy(hidden, weight, targets, row_weight, vocab_start=lo,
                                          vocab_size=denoiser.vocab_size, tp_group=group, chunk_rows=chunk_rows,
                                          backend=backend)

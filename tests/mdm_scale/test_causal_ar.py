@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdm_scale.config import ConfigError, ModelConfig, load_config
-from mdm_scale.denoiser import Denoiser, token_nll
+from mdm_scale.denoiser import Denoiser
 from mdm_scale.evaluation import exact_ar_nll
 from mdm_scale.objective import nelbo
 from mdm_scale.schedules import BlockSchedule, UnivariateSchedule
@@ -46,7 +46,7 @@ def test_one_pass_equals_every_left_to_right_slice(dims):
         for i in range(L):
             z = x0.clone()
             z[:, i:] = denoiser.mask_id
-            slices += token_nll(denoiser.output_logits(denoiser(z)[:, i]), x0[:, i]).double()
+            slices += denoiser.token_nll(denoiser.output_logits(denoiser(z)[:, i]), x0[:, i]).double()
     torch.testing.assert_close(one_pass.per_sequence.double(), slices, rtol=1e-5, atol=0)
     assert one_pass.nelbo.item() == pytest.approx(slices.sum().item() / (3 * L), rel=1e-5)
     torch.testing.assert_close(exact_ar_nll(denoiser, schedule, x0), slices, rtol=1e-5, atol=0)

@@ -63,3 +63,34 @@ def test_find_cycle_finds_a_planted_cycle():
 def test_mdm_scale_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def parallel_state_reads(root: Path) -> list[str]:
+    """'path:line' of every use of megatron's parallel_state (an import of it, or an attribute read) in root."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [node.value.id]
+            if any(n == "parallel_state" or n.endswith(".parallel_state") for n in names):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return found
+
+
+def test_process_groups_travel_in_parallel_dims_outside_parallel(tmp_path):
+    """Outside parallel/ nothing reads megatron's parallel_state: ranks and groups come from ParallelDims or the
+    denoiser's process_groups (issue 27). The scan is checked on a planted read first, so it can fail."""
+    planted = tmp_path / "pkg"
+    planted.mkdir()
+    (planted / "m.py").write_text("from megatron.core import parallel_state\n"
+                                  "r = parallel_state.get_tensor_model_parallel_rank()\n")
+    assert parallel_state_reads(planted) == ["pkg/m.py:1", "pkg/m.py:2"]
+    root = PACKAGE.parent
+    reads = [r for d in ("mdm_scale", "bench", "experiments", "launchers", "data_pipeline")
+             for r in parallel_state_reads(root / d)]
+    assert reads == []

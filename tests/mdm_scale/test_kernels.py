@@ -303,7 +303,7 @@ def test_denoiser_weighted_nll_matches_full_logits_cross_entropy(dims):
     """The Denoiser helper (tied and untied heads, vocab 97 padded to 128 with the mask column) against full
     logits from the denoiser's output head and its token_nll (mask and padding columns at PAD_LOGIT)."""
     from mdm_scale.config import ModelConfig
-    from mdm_scale.denoiser import Denoiser, token_nll
+    from mdm_scale.denoiser import Denoiser
     from mdm_scale.kernels.linear_cross_entropy import denoiser_weighted_nll
 
     for tie in (False, True):
@@ -313,7 +313,7 @@ def test_denoiser_weighted_nll_matches_full_logits_cross_entropy(dims):
         hidden = torch.randn(13, 32, requires_grad=True)
         targets = torch.randint(0, 97, (13,))
         rw = torch.rand(13) + 0.5
-        ref = (rw * token_nll(denoiser.output_logits(hidden), targets)).sum()
+        ref = (rw * denoiser.token_nll(denoiser.output_logits(hidden), targets)).sum()
         params = [hidden, *[p for p in denoiser.parameters() if p.requires_grad]]
         ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
         loss, _ = denoiser_weighted_nll(denoiser, hidden, targets, rw, chunk_rows=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mdm_scale.config import ModelConfig
-from mdm_scale.denoiser import Denoiser, token_nll
+from mdm_scale.denoiser import Denoiser
 from mdm_scale.exact import (
     all_patterns,
     best_order,
@@ -66,7 +66,7 @@ def test_left_to_right_schedule_equals_causal_nll(dims, reverse):
         for k, i in enumerate(order):
             visible = torch.tensor([j in list(order)[:k] for j in range(l)])
             z = torch.where(visible, x0, torch.full_like(x0, denoiser.mask_id))
-            ar += token_nll(denoiser.output_logits(denoiser(z[None])[0, i : i + 1]), x0[i : i + 1]).item()
+            ar += denoiser.token_nll(denoiser.output_logits(denoiser(z[None])[0, i : i + 1]), x0[i : i + 1]).item()
     assert diffusion == pytest.approx(ar, rel=1e-5)
     # ...and a random-order schedule does not give the same number (the check can fail).
     with torch.no_grad():

@@ -101,8 +101,8 @@ def split_clip_reference(tmp_path_factory):
 def test_split_schedule_clip_matches_single_process_at_every_zero_stage(split_clip_reference, tmp_path, stage):
     """optimizer.schedule_grad_clip over two data-parallel ranks: ZeRO 0 clips in DeepSpeed's clip_fp32_gradients,
     ZeRO 2 in its partition update (parallel/engine.py); both train like the single process, log its global norm,
-    and the schedule's heads differ from a shared clip's (so the comparison can fail). The centred heads' output biases are left out, as
-    in the test above."""
+    and the schedule's heads differ from a shared clip's (so the comparison can fail). The centred heads' output
+    biases are left out, as in the test above."""
     lomdm, single, shared = split_clip_reference
     ranks = run_ranks(2, workers.train_run, [*lomdm, "optimizer.schedule_grad_clip=0.01", f"run_dir={tmp_path}",
                                              "data.micro_batch_size=4", f"parallel.zero_stage={stage}"])
