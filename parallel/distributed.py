@@ -140,7 +140,10 @@ def init_distributed(
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        if world == 1:  # nobody to meet: a private port, whatever MASTER_* an enclosing launcher left behind
+        # A lone process has nobody to meet: a private port, whatever MASTER_* an enclosing launcher left behind;
+        # except under torchrun, whose agent already serves the store at MASTER_PORT (a worker that moved away
+        # from it waited 30 minutes for a store nobody serves).
+        if world == 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group(

@@ -38,3 +38,30 @@ def test_tensor_parallel_matches_single_process(single_and_tensor_parallel, obje
         assert torch.equal(tp[1]["grads"][name], g), name  # both TP ranks see the same full gradient
         checked += 1
     assert checked >= 10
+
+
+def test_a_lone_torchrun_worker_meets_its_agent_store(tmp_path):
+    """`torchrun --nproc-per-node=1` serves the rendezvous store from its agent at MASTER_PORT
+    (TORCHELASTIC_USE_AGENT_STORE): init_distributed must join it, not move to a private port, where the worker
+    waited 30 minutes for a store nobody serves (bench/scaling.py's 1-rank layout did)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "worker.py"
+    script.write_text("from parallel.distributed import init_distributed\n"
+                      "dims = init_distributed(device='cpu')\nprint('joined', dims.world_size, flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=root, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the lone torchrun worker did not join its agent's store within 180 s")
+    assert proc.returncode == 0 and "joined 1" in out, out[-2000:]
