@@ -82,6 +82,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from mdm_scale.flops import flops_per_token, matmul_params  # noqa: E402,F401  (model FLOPs: mdm_scale/flops.py)
+
 VARIANTS = ("ref_mdlm", "ref_mdlm_noema", "mdlm", "lomdm")
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -100,23 +102,6 @@ class StepUnderTest:
     peak_growth_bytes: float | None = None
     last_loss: float = float("nan")
     masked_fractions: list[float] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------------- model FLOPs
-
-
-def matmul_params(num_layers: int, hidden: int, ffn: int, vocab: int) -> int:
-    """N: weights used once per token in a matmul (attention, MLP, output head)."""
-    return num_layers * (4 * hidden * hidden + 2 * hidden * ffn) + hidden * vocab
-
-
-def flops_per_token(num_layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, *, clean_pass: bool) -> float:
-    """Model FLOPs per token of one training step (see the module docstring)."""
-    n = matmul_params(num_layers, hidden, ffn, vocab)
-    flops = 6 * n + 12 * num_layers * hidden * seq_len
-    if clean_pass:
-        flops += 2 * (n - hidden * vocab) + 4 * num_layers * hidden * seq_len
-    return float(flops)
 
 
 # --------------------------------------------------------------------------------------------------- the steps

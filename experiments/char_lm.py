@@ -77,44 +77,19 @@ def run_command(objective: str, seed: int, root: Path) -> list[str]:
             f"objective={objective}", f"train.seed={seed}", f"run_dir={root / f'{objective}-s{seed}'}"]
 
 
-def is_complete(run_dir: Path) -> bool:
-    from mdm_scale.config import load_config
-    from parallel.checkpoint import list_checkpoints
-
-    done = list_checkpoints(run_dir / "checkpoints")
-    return bool(done) and int(done[-1].name.split("_")[1]) >= load_config(run_dir / "config.yaml").train.steps
-
-
 def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
-    """Run `objective:seed` items one after another (one thread each), skipping finished runs and waiting while
-    another process holds a run; each run's output is appended to <root>/<objective>-s<seed>.log. Returns the
-    number of runs that failed."""
-    import os
-    import subprocess
-    import time
+    """Run `objective:seed` items one after another (one thread each; mdm_scale/run_queue.py), skipping finished
+    runs and waiting while another process holds a run; each run's output is appended to
+    <root>/<objective>-s<seed>.log. Returns the number of runs that failed."""
+    from mdm_scale.run_queue import run_in_order
 
-    from parallel.run_lock import lock_holder
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    failed = 0
     root.mkdir(parents=True, exist_ok=True)
+    runs = []
     for spec in specs:
         objective, seed = spec.split(":")
-        run_dir = root / f"{objective}-s{seed}"
-        while not ((run_dir / "config.yaml").exists() and is_complete(run_dir)):
-            if lock_holder(run_dir) is not None:  # another process trains it: wait for it to end
-                time.sleep(poll_s)
-                continue
-            with open(root / f"{objective}-s{seed}.log", "a") as log:
-                proc = subprocess.run(run_command(objective, int(seed), root), stdout=log, stderr=subprocess.STDOUT,
-                                      env=env, cwd=Path(__file__).resolve().parent.parent)
-            if proc.returncode == 0 or lock_holder(run_dir) is not None:  # done, or taken meanwhile
-                continue
-            print(f"{spec}: failed with exit code {proc.returncode} (see its log)", flush=True)
-            failed += 1
-            break
-        print(f"{spec}: {'complete' if is_complete(run_dir) else 'not complete'}", flush=True)
-    return failed
+        runs.append((root / f"{objective}-s{seed}", run_command(objective, int(seed), root),
+                     root / f"{objective}-s{seed}.log"))
+    return run_in_order(runs, poll_s=poll_s, report=lambda line: print(line, flush=True))
 
 
 # ------------------------------------------------------------------------------------------------------ report

@@ -5,6 +5,7 @@
     python launchers/slurm.py --nodes 16 --plan config=owt_1b                 # memory, checkpoint, comm per rank
     python launchers/slurm.py --nodes 2 --array objective=mdlm,lomdm --array model.num_layers=12,24 config=owt_small
     python launchers/slurm.py --gpus-per-node 0 --tasks-per-node 2 config=tiny   # CPU tasks (gloo)
+    python launchers/slurm.py --nodes 1 --configs runs/scaling/configs/*.yaml     # one array element per file
 
 Everything after the options is `config=<name>` and `key=value` overrides, as for launchers/local.py. The layout
 (TP x PP x DP = nodes x tasks per node, heads divisible by TP, layers by PP) is checked before anything is
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="sweep: one job-array element per combination of the listed values (repeatable)")
     p.add_argument("--array-parallelism", type=int, default=64, help="array elements running at once")
+    p.add_argument("--configs", nargs="+", default=None, metavar="YAML",
+                   help="one job-array element per config file, each with its own run_dir (what `python -m "
+                        "mdm_scale.scaling plan` writes); the key=value overrides apply to every one")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and layout; submit nothing")
     p.add_argument("--plan", action="store_true",
                    help="print what each rank will hold (parameters, memory, checkpoint, communication; "
@@ -95,13 +99,17 @@ def _slug(overrides: list[str]) -> str:
 
 
 def resolve_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """One RunConfig per array element (one without --array), each with its own run directory."""
+    """One RunConfig per array element (one without --array or --configs), each with its own run directory."""
     name, overrides = "tiny", []
     for item in args.overrides:
         if item.startswith("config="):
             name = item.split("=", 1)[1]
         else:
             overrides.append(item)
+    if args.configs:
+        if args.array or name != "tiny":
+            raise ConfigError("--configs names every element's config; it takes no --array and no config=")
+        return [load_config(path, overrides) for path in args.configs]
     combos = sweep(args.array)
     configs = []
     for combo in combos:

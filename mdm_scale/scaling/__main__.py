@@ -1,0 +1,109 @@
+"""`python -m mdm_scale.scaling plan|fit`: plan an IsoFLOP sweep and run it, then fit its laws.
+
+    python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper --budgets 3e13 1e14 3e14 \\
+        --depths 2 3 4 5 --out runs/scaling                            # writes the configs, prints the grid
+    python -m mdm_scale.scaling plan ... --local                       # and runs them one after another (resumable)
+    python -m mdm_scale.scaling plan ... --slurm "--nodes 1 --gpus-per-node 1" [--dry-run]   # one job array
+    python -m mdm_scale.scaling fit runs/scaling/*/ --out docs/results/scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from mdm_scale.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mdm_scale.scaling.plan import format_grid, isoflop_grid, write_grid
+
+    points, dropped = isoflop_grid(args.config, args.budgets, args.objectives, args.depths, aspect=args.aspect,
+                                   min_steps=args.min_steps, overrides=args.overrides)
+    if not points:
+        print("error: no grid point has enough steps: " + "; ".join(dropped), file=sys.stderr)
+        return 2
+    paths = write_grid(points, args.config, Path(args.out), args.overrides)
+    print(format_grid(points))
+    for line in dropped:
+        print(f"dropped: {line}")
+    print(f"{len(paths)} configs in {Path(args.out) / 'configs'}; plan in {Path(args.out) / 'plan.json'}")
+    if args.slurm is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("launchers_slurm", ROOT / "launchers" / "slurm.py")
+        launcher = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(launcher)
+        slurm_args = shlex.split(args.slurm)
+        if "--job-name" not in slurm_args:
+            slurm_args += ["--job-name", f"scaling-{Path(args.out).name}"]
+        return launcher.main([*slurm_args, *(["--dry-run"] if args.dry_run else []), "--configs", *map(str, paths)])
+    if args.local:
+        from mdm_scale.run_queue import run_in_order
+
+        runs = [(Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"), f"config={path}"],
+                 Path(args.out) / f"{p.name}.log") for p, path in zip(points, paths)]
+        return 1 if run_in_order(runs, threads=args.threads, report=lambda s: print(s, flush=True)) else 0
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from mdm_scale.scaling.collect import RunReadError, point_of
+    from mdm_scale.scaling.report import fit_report
+
+    points, skipped = [], []
+    for run_dir in args.run_dirs:
+        try:
+            points.append(point_of(Path(run_dir)))
+        except RunReadError as e:
+            skipped.append(str(e))
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    if not points:
+        print("error: no run gave a scaling point", file=sys.stderr)
+        return 2
+    report = fit_report(points, samples=args.bootstrap, seed=args.seed, reference=args.reference,
+                        out=Path(args.out) if args.out else None)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mdm_scale.scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="write (and run or submit) an IsoFLOP grid")
+    plan.add_argument("--config", default="char_lm", help="base config (shapes and steps are set per point)")
+    plan.add_argument("--objectives", nargs="+", default=["mdlm", "ar", "lomdm_paper"])
+    plan.add_argument("--budgets", nargs="+", type=float, required=True, help="compute budgets C in FLOPs")
+    plan.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4, 5], help="model sizes by depth")
+    plan.add_argument("--aspect", type=int, default=64, help="hidden = aspect x depth")
+    plan.add_argument("--min-steps", type=int, default=100)
+    plan.add_argument("--out", required=True, help="directory of the configs, plan.json and the runs")
+    plan.add_argument("--local", action="store_true", help="run the points one after another here (resumable)")
+    plan.add_argument("--threads", type=int, default=1, help="threads per local run")
+    plan.add_argument("--slurm", default=None, metavar="ARGS", help="submit as one job array: launchers/slurm.py "
+                                                                    "options, quoted")
+    plan.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script only")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides applied to every point")
+    fit = sub.add_parser("fit", help="fit IsoFLOP minima and the parametric law to finished runs")
+    fit.add_argument("run_dirs", nargs="+")
+    fit.add_argument("--out", default=None, help="directory for fit.json and fit.png")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the runs")
+    fit.add_argument("--reference", default="mdlm", help="objective the compute multipliers are relative to")
+    fit.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        return _plan(args) if args.command == "plan" else _fit(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

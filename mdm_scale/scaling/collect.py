@@ -1,0 +1,58 @@
+"""Finished runs as scaling points: (objective, N, D, C, held-out NELBO) read from each run directory.
+
+N, D and C are recomputed from the run's own config.yaml and its newest checkpoint's step with the planner's
+formula (mdm_scale/flops.py), so a run that stopped early counts the tokens it trained on, not the ones planned.
+The loss is the held-out NELBO (nats per token) the run logged at that step; a run without one is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mdm_scale.config import load_config
+from mdm_scale.flops import non_embedding_params, training_flops_per_token
+from mdm_scale.scaling.fit import Point
+from parallel.checkpoint import list_checkpoints
+
+
+class RunReadError(ValueError):
+    """A run directory cannot give a scaling point."""
+
+
+def objective_name(cfg, run_dir: Path) -> str:
+    """The preset a run was made from: the planner names a run <objective>-C<budget>-..., the language benchmark
+    <objective>-s<seed>; the config alone does not say (a preset is a set of values)."""
+    if "-C" in cfg.name:
+        return cfg.name.split("-C")[0]
+    return run_dir.name.split("-s")[0]
+
+
+def point_of(run_dir: Path) -> Point:
+    from data_pipeline.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise RunReadError(f"{run_dir}: no config.yaml (not a run directory)")
+    cfg = load_config(run_dir / "config.yaml")
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise RunReadError(f"{run_dir}: no checkpoint yet")
+    step = int(checkpoints[-1].name.split("_")[1])
+    evals = {}
+    if (run_dir / "metrics.jsonl").exists():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "eval/nelbo" in row:
+                evals[row["step"]] = row["eval/nelbo"]
+    if step not in evals:
+        raise RunReadError(f"{run_dir}: no held-out NELBO logged at its checkpoint step {step}")
+    if not (evals[step] > 0 and evals[step] < float("inf")):
+        raise RunReadError(f"{run_dir}: held-out NELBO {evals[step]} at step {step} (diverged?)")
+    vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    m = cfg.model
+    tokens = step * cfg.data.micro_batch_size * cfg.data.grad_accumulation * cfg.data.seq_len
+    return Point(objective=objective_name(cfg, run_dir),
+                 params=float(non_embedding_params(m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size)),
+                 tokens=float(tokens), flops=training_flops_per_token(cfg, vocab) * tokens, loss=float(evals[step]),
+                 run_dir=str(run_dir))

@@ -1,0 +1,59 @@
+"""One fit report over finished runs: per objective the IsoFLOP minima and laws, the parametric law with bootstrap
+intervals, and each objective's compute multiplier against a reference objective (fit.py does the mathematics).
+
+The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
+the runs cover, not extrapolated beyond it. A part that cannot be computed (too few runs, too few usable budgets, a
+loss an objective's fit cannot reach) is reported with its reason, never as a number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mdm_scale.scaling.fit import (Point, bootstrap_parametric, by_objective, compute_multiplier_interval,
+                                   fit_parametric, flops_per_token_from_points, isoflop_minima, isoflop_scaling,
+                                   plot_fit, to_json)
+
+
+def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, reference: str = "mdlm",
+               out: Path | None = None) -> dict:
+    """The report as a JSON-able dict; with `out`, also <out>/fit.json and <out>/fit.png."""
+    groups = by_objective(points)
+    report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}}
+    fits, per_token = {}, {}
+    for objective, runs in groups.items():
+        entry: dict = {"runs": len(runs), "isoflop_minima": isoflop_minima(runs)}
+        try:
+            entry["isoflop_scaling"] = isoflop_scaling(entry["isoflop_minima"])
+        except ValueError as e:
+            entry["isoflop_scaling"] = {"unavailable": str(e)}
+        try:
+            fits[objective] = fit_parametric(runs, seed=seed)
+            per_token[objective] = flops_per_token_from_points(runs)  # f(N) as the runs counted it
+            entry["parametric"] = fits[objective]
+            entry["bootstrap"] = bootstrap_parametric(runs, samples=samples, seed=seed)
+        except ValueError as e:
+            entry["parametric"] = {"unavailable": str(e)}
+        report["objectives"][objective] = entry
+    if reference in fits:
+        loss = min(p.loss for p in groups[reference])
+        for objective in fits:
+            if objective == reference:
+                continue
+            try:
+                report["multipliers"][f"{objective}/{reference}"] = compute_multiplier_interval(
+                    groups[reference], groups[objective], loss, per_token[reference], per_token[objective],
+                    samples=samples, seed=seed)
+            except ValueError as e:
+                report["multipliers"][f"{objective}/{reference}"] = {"loss": loss, "unavailable": str(e)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if fits:
+            report["plot"] = plot_fit(points, fits, out / "fit.png", flops_per_token=per_token)
+        else:
+            report["plot"] = "unavailable: no objective has a parametric fit"
+    result = json.loads(to_json(report))
+    if out is not None:
+        (out / "fit.json").write_text(json.dumps(result, indent=1))
+    return result

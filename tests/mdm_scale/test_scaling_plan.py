@@ -1,0 +1,89 @@
+"""The IsoFLOP planner (mdm_scale/scaling/plan.py): points on their budget, the FLOP formula per objective, one job-
+array element per point, and the local queue that runs them resumably."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mdm_scale.config import load_config
+from mdm_scale.flops import flops_per_token, non_embedding_params, training_flops_per_token
+from mdm_scale.scaling.__main__ import main
+from mdm_scale.scaling.plan import isoflop_grid
+
+BUDGETS = [3e12, 1e13, 3e13]
+
+
+def test_every_point_spends_its_budget_within_one_percent():
+    points, dropped = isoflop_grid("char_lm", BUDGETS, ["mdlm", "ar", "lomdm_paper"], [2, 3, 4, 5])
+    assert len(points) >= 12 and dropped
+    for p in points:
+        assert abs(p.flops / p.budget - 1) < 0.01, p
+        assert p.steps >= 100 and p.hidden_size == 64 * p.num_layers
+    assert all("< 100" in line for line in dropped)
+    # a dropped point is one whose budget buys fewer than min_steps steps, never a silently shortened run
+    assert {(p.objective, p.num_layers, p.budget) for p in points}.isdisjoint(
+        {(line.split()[0], int(line.split()[1][1:]), float(line.split("C=")[1].split(":")[0])) for line in dropped})
+
+
+def test_flops_per_token_counts_lomdm_papers_two_draws_clean_pass_and_scheduler_layers():
+    """F = R F_row + F_clean + (1 + R) F_sched (mdm_scale/flops.py), by hand for 2 x 128, s = 256, V = 257."""
+    L, h, f, s, V = 2, 128, 512, 256, 257
+    cfg = {o: load_config("char_lm", [f"objective={o}", f"model.num_layers={L}", f"model.hidden_size={h}",
+                                      "model.num_attention_heads=2"]) for o in ("mdlm", "lomdm", "lomdm_paper")}
+    row = 6 * (L * (4 * h * h + 2 * h * f) + h * V) + 12 * L * h * s
+    clean = 2 * L * (4 * h * h + 2 * h * f) + 4 * L * h * s
+    sched = 6 * (4 * h * h + 2 * h * f) + 12 * h * s
+    assert training_flops_per_token(cfg["mdlm"], V) == row == flops_per_token(L, h, f, V, s, clean_pass=False)
+    assert training_flops_per_token(cfg["lomdm"], V) == row + clean  # MLP scheduler heads: not counted
+    assert training_flops_per_token(cfg["lomdm_paper"], V) == 2 * row + clean + 3 * sched
+    assert non_embedding_params(L, h, f) == 12 * L * h * h
+
+
+def test_slurm_dry_run_renders_one_array_element_per_grid_point(tmp_path, capsys):
+    rc = main(["plan", "--budgets", *map(str, BUDGETS), "--depths", "2", "3", "4", "--out", str(tmp_path),
+               "--slurm", "--nodes 1 --gpus-per-node 0", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())["points"]
+    assert f"#SBATCH --array=0-{len(plan) - 1}%" in out
+    run_dirs = [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("# run_dir ")]
+    assert run_dirs == [str(tmp_path / p["name"]) for p in plan] and len(set(run_dirs)) == len(plan)
+    for p in plan:  # each element's config is the point: its shape and its steps
+        cfg = load_config(p["config"])
+        assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps) == (
+            p["num_layers"], p["hidden_size"], p["steps"])
+
+
+def test_local_queue_runs_the_grid_and_a_rerun_skips_finished_runs(tmp_path, capsys):
+    args = ["plan", "--config", "tiny", "--objectives", "mdlm", "--budgets", "3e9", "--depths", "1",
+            "--min-steps", "2", "--out", str(tmp_path), "--local", "data.tokenizer=byte", "logging.wandb=false",
+            "sampling.num_samples=0", "train.eval_batches=1"]
+    assert main(args) == 0
+    (point,) = json.loads((tmp_path / "plan.json").read_text())["points"]
+    log = tmp_path / f"{point['name']}.log"
+    assert point["steps"] == 3 and (tmp_path / point["name"] / "checkpoints").is_dir()
+    size = log.stat().st_size
+    capsys.readouterr()
+    assert main(args) == 0
+    assert log.stat().st_size == size and "complete" in capsys.readouterr().out  # nothing ran again
+
+    # `fit` reads the finished run back as the planned point (its own tokens and FLOPs), and says why one run
+    # cannot give a law instead of printing one
+    from mdm_scale.scaling.collect import point_of
+
+    read = point_of(tmp_path / point["name"])
+    assert (read.objective, read.tokens) == ("mdlm", point["tokens"]) and read.flops == pytest.approx(point["flops"])
+    assert main(["fit", str(tmp_path / point["name"]), str(tmp_path / "configs"), "--out", str(tmp_path / "fit"),
+                 "--bootstrap", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped:" in captured.err and "not a run directory" in captured.err
+    report = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert "unavailable" in report["objectives"]["mdlm"]["parametric"]
+    assert not report["objectives"]["mdlm"]["isoflop_minima"][0]["usable"]
+
+
+def test_a_grid_without_any_runnable_point_is_refused(tmp_path, capsys):
+    assert main(["plan", "--budgets", "1e6", "--out", str(tmp_path)]) == 2
+    assert "no grid point has enough steps" in capsys.readouterr().err
