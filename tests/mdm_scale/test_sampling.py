@@ -191,7 +191,6 @@ class _Planted(torch.nn.Module):
         super().__init__()
         self.base, self.sharp, self.flat = base, sharp, flat
         self.mask_id, self.vocab_size, self.scheduler_heads = base.mask_id, base.vocab_size, base.scheduler_heads
-        self.config, self.process_groups = base.config, base.process_groups
 
     def forward(self, z, t):
         b, l = z.shape
