@@ -31,7 +31,7 @@ from mdm_scale.sampling import generate, sampler_options
 from mdm_scale.schedules import is_schedule_parameter
 from mdm_scale.time_sampling import TimeSampler
 from parallel.checkpoint import CheckpointError, CheckpointWriteError, latest_checkpoint, save_checkpoint
-from parallel.clipping import SplitClip
+from parallel.clipping import ScheduleClip
 from parallel.consolidate import RankLayout, model_layout, partition_dims, to_global, to_local
 from parallel.distributed import ParallelDims, init_distributed, world_size_from_env
 from parallel.engine import build_engine, safe_checkpoint_globals
@@ -65,7 +65,8 @@ def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
 
     Two parameter groups: the network at lr and the learned schedule's parameters at schedule_lr_mult x lr (LambdaLR
     scales each group's own base lr, so both follow the same warm-up and cosine); an empty group is left out.
-    With optimizer.schedule_grad_clip the two sets are clipped on their own norms (parallel/clipping.py)."""
+    With a learned schedule the engine measures the schedule's gradient norm over the whole model, and with
+    optimizer.schedule_grad_clip it clips the two sets on their own norms (parallel/clipping.py)."""
     opt = cfg.optimizer
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if not is_schedule_parameter(n)], "lr": opt.lr},
@@ -75,12 +76,13 @@ def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )
-    split_clip = None
-    if opt.schedule_grad_clip:
-        split_clip = SplitClip(model, groups[1]["params"], opt.grad_clip, opt.schedule_grad_clip)
+    schedule_clip = None
+    if groups[1]["params"]:
+        schedule_clip = ScheduleClip(model, groups[1]["params"], opt.grad_clip, opt.schedule_grad_clip,
+                                     shared=not opt.schedule_grad_clip)
     return build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,
                         grad_accumulation=cfg.data.grad_accumulation, micro_batch_size=cfg.data.micro_batch_size,
-                        pipeline_parallel=dims.pipeline_parallel, split_clip=split_clip)
+                        pipeline_parallel=dims.pipeline_parallel, schedule_clip=schedule_clip)
 
 
 def _eval_batches(data_root: Path, tokenizer, cfg: RunConfig, remote: str | None) -> list[torch.Tensor]:
@@ -185,10 +187,9 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
     model.train()
     dp = {"data_parallel_rank": dp_rank, "data_parallel_size": dp_size,
           "data_parallel_group": dims.groups.dp}
-    schedule_parameters = [p for n, p in model.named_parameters() if is_schedule_parameter(n)]
     while step < last_step:
         outcome = _optimizer_step(cfg, dims, model, engine, batches=batches, generator=generator, sampler=sampler,
-                                  schedule_parameters=schedule_parameters, step=step, dp=dp)
+                                  step=step, dp=dp)
         step += 1
         loss = _data_parallel_mean(outcome.loss, dims)
         result.losses[step] = loss
@@ -273,13 +274,14 @@ class StepOutcome:
     grad_norm: float
     """The global gradient norm before clipping."""
     schedule_norm: float | None
-    """The learned schedule's gradient norm (this rank's gradients), None without schedule parameters."""
+    """The learned schedule's gradient norm before clipping over the whole model, None without a learned
+    schedule."""
     tokens: int
     """Tokens of the global step (rows: a paired objective counts both draws)."""
 
 
 def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, engine, *, batches, generator,
-                    sampler, schedule_parameters: list[nn.Parameter], step: int, dp: dict) -> StepOutcome:
+                    sampler, step: int, dp: dict) -> StepOutcome:
     """One optimizer step over grad_accumulation micro-batches [b, l] (tokens, and document ids when the data was
     packed per document): forward and backward (megatron's 1F1B schedule under PP), the all-rank finiteness
     check before the update, the update, and the time sampler's statistics."""
@@ -307,14 +309,13 @@ def _optimizer_step(cfg: RunConfig, dims: ParallelDims, model: nn.ModuleDict, en
     if not finite and cfg.train.nonfinite == "stop":
         raise FloatingPointError(f"non-finite loss or gradient at step {step + 1} (loss {loss}); stopped before "
                                  f"the update, nothing saved (train.nonfinite=stop; 'skip' drops such steps)")
-    schedule_norm = _grad_norm(schedule_parameters)  # before the step clears the gradients
     grad_norm = engine.step(skip=not finite)
     if finite:  # this step's losses shape the next steps' time proposal / baseline (all ranks alike)
         sampler.observe(*(torch.cat([getattr(x, k) for x in all_terms]) if all_terms else torch.zeros(0)
                           for k in ("t", "per_sequence", "t_weight", "token_square")))
     paired = cfg.objective.mask_pairs == "mirror" or cfg.objective.score_baseline == "two_draw"  # rows = 2 x data
     tokens = sum(x.numel() for x in micro_batches) * dims.data_parallel * (2 if paired else 1)
-    return StepOutcome(loss, finite, grad_norm, schedule_norm, tokens)
+    return StepOutcome(loss, finite, grad_norm, engine.schedule_norm, tokens)
 
 
 def _autocast(cfg: RunConfig, dims: ParallelDims):
@@ -322,17 +323,6 @@ def _autocast(cfg: RunConfig, dims: ParallelDims):
     if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and dims.device.type == "cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def _grad_norm(parameters: list[nn.Parameter]) -> float | None:
-    """L2 norm of these parameters' gradients on this rank, before clipping; None without gradients (no such
-    parameters, or the engine keeps them in its own partitions: ZeRO 2). Logged for the learned schedule's
-    parameters (MDM-LS logits, LoMDM scheduler heads) beside the global norm, so a spike can be told apart: the
-    schedule's score-function term or the net."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])).item()
 
 
 def _all_ranks_finite(finite: bool, model: nn.Module, device: torch.device) -> bool:

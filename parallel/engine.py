@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from parallel.clipping import SplitClip
+from parallel.clipping import ScheduleClip
 
 
 class MegatronMPU:
@@ -47,6 +47,7 @@ class Engine:
 
     optimizer: torch.optim.Optimizer
     lr_schedule: Any
+    schedule_clip: ScheduleClip | None = None
 
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
@@ -63,6 +64,19 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.lr_schedule.get_last_lr()[0]
+
+    def _forget_norms(self) -> None:
+        if self.schedule_clip is not None:
+            self.schedule_clip.last_norms = None
+
+    @property
+    def schedule_norm(self) -> float | None:
+        """The learned schedule's gradient norm of the last step, before clipping, over the whole model (the same on
+        every layout); None without a learned schedule, NaN after a skipped step."""
+        if self.schedule_clip is None:
+            return None
+        norms = self.schedule_clip.last_norms
+        return float(norms[1]) if norms is not None else float("nan")
 
     def optimizer_state(self) -> dict[str, Any]:
         """Per-parameter state under global tensor names: {"per_parameter": {key: {name: tensor}}, "steps":
@@ -154,9 +168,9 @@ class LocalEngine(Engine):
     per optimizer step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
-                 grad_accumulation: int, split_clip: SplitClip | None = None):
+                 grad_accumulation: int, schedule_clip: ScheduleClip | None = None):
         self.model, self.optimizer, self.lr_schedule = model, optimizer, lr_schedule
-        self.grad_clip, self.grad_accumulation, self.split_clip = grad_clip, grad_accumulation, split_clip
+        self.grad_clip, self.grad_accumulation, self.schedule_clip = grad_clip, grad_accumulation, schedule_clip
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
@@ -164,11 +178,12 @@ class LocalEngine(Engine):
 
     def step(self, skip: bool = False) -> float:
         """Clip, update, advance the LR schedule; returns the pre-clipping global gradient norm."""
+        self._forget_norms()
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
-        if self.split_clip is not None:
-            norm = self.split_clip.clip(self.model.parameters())
+        if self.schedule_clip is not None:
+            norm = self.schedule_clip.clip(self.model.parameters())
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"))
         self.optimizer.step()
@@ -190,7 +205,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, grad_clip: float,
                  grad_accumulation: int, micro_batch_size: int, zero_stage: int, external_backward: bool = False,
-                 split_clip: SplitClip | None = None):
+                 schedule_clip: ScheduleClip | None = None):
         import deepspeed
 
         self.external_backward = external_backward
@@ -204,21 +219,21 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
-        if zero_stage == 0 and (not grad_clip or split_clip is not None):
+        if zero_stage == 0 and (not grad_clip or schedule_clip is not None):
             config["gradient_clipping"] = float("inf")  # DeepSpeed then calls clip_fp32_gradients, which we replace
-        if zero_stage > 0 and split_clip is not None:
+        if zero_stage > 0 and schedule_clip is not None:
             config["gradient_clipping"] = 0.0  # DeepSpeed still computes the norm; _clip_zero_apart clips
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule, config=config, mpu=MegatronMPU(),
             dist_init_required=False,
         )
-        self.model = model
+        self.model, self.schedule_clip = model, schedule_clip
         if zero_stage == 0:
-            self._keep_clipping_norm(split_clip)
-        elif split_clip is not None:
-            self._clip_zero_apart(split_clip)
+            self._keep_clipping_norm(schedule_clip)
+        elif schedule_clip is not None:
+            self._clip_zero_apart(schedule_clip)
 
-    def _keep_clipping_norm(self, split_clip: SplitClip | None) -> None:
+    def _keep_clipping_norm(self, schedule_clip: ScheduleClip | None) -> None:
         """ZeRO 0 with a torch optimizer: DeepSpeed computes the global gradient norm when it clips (after the
         data-parallel reduction, before the update, TP-aware through the mpu) but drops it, so
         get_global_grad_norm() is None. Keep the value its clipping returns; ZeRO 1/2 record theirs. With a split
@@ -234,8 +249,8 @@ class DeepSpeedEngine(Engine):
                 dist.all_reduce(t, group=parallel_state.get_model_parallel_group())
 
         def clip_and_keep_norm():
-            if split_clip is not None:
-                engine._global_grad_norm = split_clip.clip(
+            if schedule_clip is not None:
+                engine._global_grad_norm = schedule_clip.clip(
                     engine.module.parameters(), counted=lambda p: tp_rank == 0 or is_model_parallel_parameter(p),
                     reduce=model_parallel_sum)
             else:
@@ -244,7 +259,7 @@ class DeepSpeedEngine(Engine):
 
         engine.clip_fp32_gradients = clip_and_keep_norm
 
-    def _clip_zero_apart(self, split_clip: SplitClip) -> None:
+    def _clip_zero_apart(self, schedule_clip: ScheduleClip) -> None:
         """ZeRO 1/2: DeepSpeed (told not to clip) computes the gradient norm in `scaled_global_norm` from each
         rank's partitions, then updates one flat group at a time in `_optimizer_step(i)`. Replace the first by the
         two set norms (its own counting rule and reductions: data-parallel, then model-parallel), and scale each
@@ -261,7 +276,7 @@ class DeepSpeedEngine(Engine):
 
         set_of_group = []
         for params in zero.bit16_groups:
-            sets = {split_clip.set_of(p) for p in params}
+            sets = {schedule_clip.set_of(p) for p in params}
             if len(sets) > 1:
                 raise RuntimeError("a ZeRO parameter group mixes schedule and denoiser parameters; split clipping "
                                    "needs them in separate optimizer groups")
@@ -274,15 +289,16 @@ class DeepSpeedEngine(Engine):
             zero._model_parallel_all_reduce(tensor=t, op=dist.ReduceOp.SUM)
 
         def pairs():
-            for i, gradients in enumerate(zero.averaged_gradients[k] for k in range(len(zero.bit16_groups))):
-                grads = (g for g in gradients or () if not getattr(g, "_zero_padding", False))
+            """(parameter, gradient partition) of this rank, counted as DeepSpeed counts them."""
+            for i in range(len(zero.bit16_groups)):
+                grads = [g for g in zero.averaged_gradients[i] or () if not getattr(g, "_zero_padding", False)]
                 for grad, param in zip(grads, zero.params_in_partition[i]):
                     if tp_rank == 0 or is_model_parallel_parameter(param):
                         yield param, grad
 
         def scaled_global_norm(norm_type=2):
-            norms = split_clip.norms(pairs(), reduce)
-            factors[:] = split_clip.factors(norms)
+            norms = schedule_clip.norms(pairs(), reduce)
+            factors[:] = schedule_clip.factors(norms)
             return norms.norm()
 
         update_group = zero._optimizer_step
@@ -302,6 +318,7 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # counts the micro-step; the update at the boundary waits for `step`
 
     def step(self, skip: bool = False) -> float:
+        self._forget_norms()
         if skip:
             self._skipped_step()
             return float("nan")
@@ -403,14 +420,15 @@ def safe_checkpoint_globals() -> list[Callable]:
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule, *, zero_stage: int,
                  grad_clip: float, grad_accumulation: int, micro_batch_size: int, pipeline_parallel: int = 1,
-                 split_clip: SplitClip | None = None):
+                 schedule_clip: ScheduleClip | None = None):
     """Plain AdamW on one process with zero_stage 0; DeepSpeed otherwise (any data parallelism or ZeRO).
 
     Args:
         zero_stage: 0 (replicated optimizer state), 1 (sharded state) or 2 (sharded state and gradients).
         pipeline_parallel: PP size; PP > 1 runs its backward in megatron's schedule (ZeRO 0 or 1 only).
-        split_clip: clip the learned schedule's gradient on its own norm (parallel/clipping.py); None = one
-            global norm at grad_clip.
+        schedule_clip: for a model with a learned schedule (parallel/clipping.py): one shared clip or the
+            schedule's gradient clipped on its own norm, and its norm measured for the log; None = one global norm
+            at grad_clip.
     """
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {zero_stage}")
@@ -421,12 +439,12 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=1,
                                micro_batch_size=micro_batch_size * grad_accumulation, zero_stage=zero_stage,
-                               external_backward=True, split_clip=split_clip)
+                               external_backward=True, schedule_clip=schedule_clip)
     if dist.get_world_size() == 1 and zero_stage == 0:
         return LocalEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
-                           split_clip=split_clip)
+                           schedule_clip=schedule_clip)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # DeepSpeed reads LOCAL_RANK; torchrun and submitit set it, a lone `python launchers/local.py` does not.
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     return DeepSpeedEngine(model, optimizer, lr_schedule, grad_clip=grad_clip, grad_accumulation=grad_accumulation,
-                           micro_batch_size=micro_batch_size, zero_stage=zero_stage, split_clip=split_clip)
+                           micro_batch_size=micro_batch_size, zero_stage=zero_stage, schedule_clip=schedule_clip)

@@ -82,10 +82,14 @@ def test_zero_keeps_the_schedule_learning_rate_group(tmp_path):
     assert _max_abs_diff(centred, ranks[0]["params"]) < 1e-5
     heads = {n: p for n, p in centred.items() if ".scheduler_heads." in n}
     assert heads and _max_abs_diff(heads, plain["params"]) > 1e-3
+    # The schedule's gradient norm is measured over the whole model (after the DP reduction, from ZeRO's partitions).
+    assert sorted(ranks[0]["schedule_norms"]) == [1, 2, 3, 4, 5]
+    for step, norm in single["schedule_norms"].items():
+        assert ranks[0]["schedule_norms"][step] == pytest.approx(norm, rel=1e-5), step
 
 
 @pytest.fixture(scope="module")
-def split_clip_reference(tmp_path_factory):
+def schedule_clip_reference(tmp_path_factory):
     """LoMDM on one process with the schedule's gradient clipped on its own (small clips, so both are active).
     AdamW divides a gradient's scale out (its first update is sign(g) whatever the clip), so eps=1 makes the update
     about lr x the clipped gradient: the comparison with the shared clip below can then fail."""
@@ -98,18 +102,20 @@ def split_clip_reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_split_schedule_clip_matches_single_process_at_every_zero_stage(split_clip_reference, tmp_path, stage):
+def test_split_schedule_clip_matches_single_process_at_every_zero_stage(schedule_clip_reference, tmp_path, stage):
     """optimizer.schedule_grad_clip over two data-parallel ranks: ZeRO 0 clips in DeepSpeed's clip_fp32_gradients,
-    ZeRO 2 in its partition update (parallel/engine.py); both train like the single process, log its global norm,
-    and the schedule's heads differ from a shared clip's (so the comparison can fail). The centred heads' output
+    ZeRO 2 in its partition update (parallel/engine.py); both train like the single process, log its global norm and
+    its schedule norm, and the schedule's heads differ from a shared clip's (so the comparison can fail). The centred heads' output
     biases are left out, as in the test above."""
-    lomdm, single, shared = split_clip_reference
+    lomdm, single, shared = schedule_clip_reference
     ranks = run_ranks(2, workers.train_run, [*lomdm, "optimizer.schedule_grad_clip=0.01", f"run_dir={tmp_path}",
                                              "data.micro_batch_size=4", f"parallel.zero_stage={stage}"])
     centred = {n: p for n, p in single["params"].items() if not n.endswith("_scheduler.net.2.bias")}
     assert _max_abs_diff(centred, ranks[0]["params"]) < 1e-5
-    for step, norm in single["grad_norms"].items():
-        assert ranks[0]["grad_norms"][step] == pytest.approx(norm, rel=1e-5), step
+    for key in ("grad_norms", "schedule_norms"):  # the schedule's norm too: ZeRO 2 keeps no .grad to read it from
+        assert single[key] and ranks[0][key].keys() == single[key].keys(), key
+        for step, norm in single[key].items():
+            assert ranks[0][key][step] == pytest.approx(norm, rel=1e-5), (key, step)
     heads = {n: p for n, p in centred.items() if ".scheduler_heads." in n}
     assert heads and _max_abs_diff(heads, shared["params"]) > 1e-4  # measured 8e-4, against 1e-5 above
 

@@ -125,6 +125,8 @@ def train_run(rank: int, overrides: list[str]) -> dict:
     return {
         "losses": result.losses,
         "grad_norms": {m["step"]: m["train/grad_norm"] for m in logged if "train/grad_norm" in m},
+        "schedule_norms": {m["step"]: m["train/grad_norm_schedule"] for m in logged
+                           if "train/grad_norm_schedule" in m},
         "params": {layout[n].global_name: full_tensor(p) for n, p in model.named_parameters()},
         "shard_shapes": {layout[n].global_name: p.shape for n, p in model.named_parameters()},
         "adam_state_numel": _numel(dict(held)),
