@@ -2,7 +2,7 @@
 
     python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper --budgets 3e13 1e14 3e14 \\
         --depths 2 3 4 5 --out runs/scaling                            # writes the configs, prints the grid
-    python -m mdm_scale.scaling plan ... --local                       # and runs them one after another (resumable)
+    python -m mdm_scale.scaling plan ... --local [--workers 2]         # and runs them here (resumable)
     python -m mdm_scale.scaling plan ... --slurm "--nodes 1 --gpus-per-node 1" [--dry-run]   # one job array
     python -m mdm_scale.scaling fit runs/scaling/*/ --out docs/results/scaling
 """
@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mdm_scale.config import ConfigError
@@ -24,7 +25,8 @@ def _plan(args: argparse.Namespace) -> int:
     from mdm_scale.scaling.plan import format_grid, isoflop_grid, write_grid
 
     points, dropped = isoflop_grid(args.config, args.budgets, args.objectives, args.depths, aspect=args.aspect,
-                                   min_steps=args.min_steps, overrides=args.overrides)
+                                   min_steps=args.min_steps, max_epochs=args.max_epochs,
+                                   overrides=args.overrides)
     if not points:
         print("error: no grid point has enough steps: " + "; ".join(dropped), file=sys.stderr)
         return 2
@@ -48,7 +50,11 @@ def _plan(args: argparse.Namespace) -> int:
 
         runs = [(Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"), f"config={path}"],
                  Path(args.out) / f"{p.name}.log") for p, path in zip(points, paths)]
-        return 1 if run_in_order(runs, threads=args.threads, report=lambda s: print(s, flush=True)) else 0
+        queues = [runs[k::args.workers] for k in range(args.workers)]  # grid order: each queue gets every budget
+        with ThreadPoolExecutor(args.workers) as pool:
+            failed = sum(pool.map(lambda q: run_in_order(q, threads=args.threads,
+                                                         report=lambda s: print(s, flush=True)), queues))
+        return 1 if failed else 0
     return 0
 
 
@@ -84,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4, 5], help="model sizes by depth")
     plan.add_argument("--aspect", type=int, default=64, help="hidden = aspect x depth")
     plan.add_argument("--min-steps", type=int, default=100)
+    plan.add_argument("--max-epochs", type=float, default=4.0, help="drop points that would repeat the training "
+                                                                    "split more often (0: no limit)")
     plan.add_argument("--out", required=True, help="directory of the configs, plan.json and the runs")
     plan.add_argument("--local", action="store_true", help="run the points one after another here (resumable)")
     plan.add_argument("--threads", type=int, default=1, help="threads per local run")
+    plan.add_argument("--workers", type=int, default=1, help="local runs side by side (two 1-thread runs use two "
+                                                             "cores better than one 2-thread run)")
     plan.add_argument("--slurm", default=None, metavar="ARGS", help="submit as one job array: launchers/slurm.py "
                                                                     "options, quoted")
     plan.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script only")

@@ -5,8 +5,11 @@ the head width 64), heads h / 64, FFN 4h. A point's training tokens are D = C / 
 project's FLOPs per data token (mdm_scale/flops.py: LoMDM's clean pass, the paper's two draws and its scheduler
 layers included), so objectives are compared at equal compute, not equal tokens. D is rounded to whole optimizer
 steps of the base config's batch; a point needs at least `min_steps` steps (fewer would be mostly warm-up) and is
-dropped with its reason otherwise. Warm-up is the base config's, capped at a tenth of the steps; the cosine runs
-over the point's own steps (Chinchilla: a schedule matched to each run's length).
+dropped with its reason otherwise. A point that would read its training split more than `max_epochs` times is
+dropped too: repeated data is worth less than fresh data beyond ~4 epochs (Muennighoff et al. 2023, "Scaling
+Data-Constrained Language Models"), which would bend the fitted law by the data, not by the model. Warm-up is the
+base config's, capped at a tenth of the steps; the cosine runs over the point's own steps (Chinchilla: a schedule
+matched to each run's length).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_pipeline.shard_check import ShardError
 from mdm_scale.config import ConfigError, RunConfig, load_config, to_yaml
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
 
@@ -36,6 +40,8 @@ class GridPoint:
     steps: int
     tokens: int
     """Training tokens D = steps x tokens per step."""
+    epochs: float
+    """D over the tokens of one epoch of the training split."""
 
     @property
     def flops(self) -> float:
@@ -59,28 +65,61 @@ def shape_for_depth(depth: int, aspect: int) -> tuple[int, int]:
     return depth, hidden
 
 
+def training_split_tokens(cfg: RunConfig, tokenizer) -> int | None:
+    """Tokens of one epoch of the training split (windows x seq_len, from its manifest); None for data.remote.
+    The embedded corpus is packed here if it was not yet (the first run would do it anyway)."""
+    from data_pipeline.datasets import embedded_corpus_shards
+    from data_pipeline.shard_check import read_manifest
+
+    if cfg.data.remote:
+        return None
+    root = (Path(cfg.data.path).expanduser() if cfg.data.path else
+            embedded_corpus_shards(cfg.data.source, tokenizer, cfg.data.seq_len, Path(cfg.data.cache_dir).expanduser()))
+    manifest = read_manifest(root / "train")
+    return int(manifest["num_samples"]) * int(manifest["seq_len"])
+
+
 def isoflop_grid(base: str, budgets: list[float], objectives: list[str], depths: list[int], *, aspect: int = 64,
-                 min_steps: int = 100, overrides: list[str] = ()) -> tuple[list[GridPoint], list[str]]:
-    """The grid's points and, for each dropped (budget, objective, depth), one line saying why."""
+                 min_steps: int = 100, max_epochs: float = 4.0,
+                 overrides: list[str] = ()) -> tuple[list[GridPoint], list[str]]:
+    """The grid's points and, for each dropped (budget, objective, depth), one line saying why (max_epochs 0: no
+    limit)."""
     from data_pipeline.tokenizer import load_tokenizer
 
+    base_cfg = load_config(base, list(overrides))
+    tokenizer = load_tokenizer(base_cfg.data.tokenizer)
+    vocab = tokenizer.vocab_size
+    try:
+        epoch_tokens = training_split_tokens(base_cfg, tokenizer)
+    except ShardError as e:
+        if max_epochs:
+            raise ConfigError(f"--max-epochs needs the training split's size: {e}; prepare the data first, or pass "
+                              f"--max-epochs 0") from None
+        epoch_tokens = None
+    if max_epochs and epoch_tokens is None:
+        raise ConfigError("--max-epochs needs the training split's size, which data.remote does not give before "
+                          "its shards are downloaded; pass --max-epochs 0 to plan without it")
+    per_step = base_cfg.data.micro_batch_size * base_cfg.data.grad_accumulation * base_cfg.data.seq_len
     points, dropped = [], []
     for objective in objectives:
         for depth in depths:
             layers, hidden = shape_for_depth(depth, aspect)
             cfg = load_config(base, [*overrides, f"objective={objective}", f"model.num_layers={layers}",
                                      f"model.hidden_size={hidden}", f"model.num_attention_heads={hidden // HEAD_DIM}"])
-            vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
             per_token = training_flops_per_token(cfg, vocab)
-            per_step = cfg.data.micro_batch_size * cfg.data.grad_accumulation * cfg.data.seq_len
             ffn = cfg.model.ffn_hidden_size or 4 * hidden
             for budget in budgets:
                 steps = round(budget / (per_token * per_step))
+                epochs = steps * per_step / epoch_tokens if epoch_tokens else float("nan")
+                where = f"{objective} L{layers} h{hidden} at C={budget:.2e}"
                 if steps < min_steps:
-                    dropped.append(f"{objective} L{layers} h{hidden} at C={budget:.2e}: {steps} steps < {min_steps}")
-                    continue
-                points.append(GridPoint(objective, budget, layers, hidden, non_embedding_params(layers, hidden, ffn),
-                                        per_token, steps, steps * per_step))
+                    dropped.append(f"{where}: {steps} steps < {min_steps}")
+                elif max_epochs and epochs > max_epochs:
+                    dropped.append(f"{where}: {epochs:.1f} epochs of the training split > {max_epochs:g}")
+                else:
+                    points.append(GridPoint(objective, budget, layers, hidden,
+                                            non_embedding_params(layers, hidden, ffn), per_token, steps,
+                                            steps * per_step, epochs))
     return points, dropped
 
 
@@ -90,8 +129,8 @@ def write_grid(points: list[GridPoint], base: str, out: Path, overrides: list[st
     out = Path(out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     paths = []
+    warmup = load_config(base, list(overrides)).optimizer.warmup_steps
     for point in points:
-        warmup = load_config(base, list(overrides)).optimizer.warmup_steps
         cfg: RunConfig = load_config(base, [*overrides, *point.overrides(warmup), f"run_dir={out / point.name}",
                                             f"name={point.name}"])
         path = out / "configs" / f"{point.name}.yaml"
@@ -104,9 +143,9 @@ def write_grid(points: list[GridPoint], base: str, out: Path, overrides: list[st
 
 def format_grid(points: list[GridPoint]) -> str:
     """A markdown table of the grid, with each point's FLOPs against its budget."""
-    rows = ["| objective | budget C | layers x hidden | N (non-emb.) | FLOPs/token | steps | tokens D | FLOPs / C |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| objective | budget C | layers x hidden | N (non-emb.) | FLOPs/token | steps | tokens D | epochs | "
+            "FLOPs / C |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         rows.append(f"| {p.objective} | {p.budget:.2e} | {p.num_layers} x {p.hidden_size} | {p.params:,} | "
-                    f"{p.flops_per_token:.3e} | {p.steps:,} | {p.tokens:,} | {p.flops / p.budget:.4f} |")
+                    f"{p.flops_per_token:.3e} | {p.steps:,} | {p.tokens:,} | {p.epochs:.2f} | {p.flops / p.budget:.4f} |")
     return "\n".join(rows)

@@ -16,7 +16,7 @@ BUDGETS = [3e12, 1e13, 3e13]
 
 
 def test_every_point_spends_its_budget_within_one_percent():
-    points, dropped = isoflop_grid("char_lm", BUDGETS, ["mdlm", "ar", "lomdm_paper"], [2, 3, 4, 5])
+    points, dropped = isoflop_grid("char_lm", BUDGETS, ["mdlm", "ar", "lomdm_paper"], [2, 3, 4, 5], max_epochs=0)
     assert len(points) >= 12 and dropped
     for p in points:
         assert abs(p.flops / p.budget - 1) < 0.01, p
@@ -43,7 +43,7 @@ def test_flops_per_token_counts_lomdm_papers_two_draws_clean_pass_and_scheduler_
 
 def test_slurm_dry_run_renders_one_array_element_per_grid_point(tmp_path, capsys):
     rc = main(["plan", "--budgets", *map(str, BUDGETS), "--depths", "2", "3", "4", "--out", str(tmp_path),
-               "--slurm", "--nodes 1 --gpus-per-node 0", "--dry-run"])
+               "--max-epochs", "0", "--slurm", "--nodes 1 --gpus-per-node 0", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
     plan = json.loads((tmp_path / "plan.json").read_text())["points"]
@@ -84,6 +84,51 @@ def test_local_queue_runs_the_grid_and_a_rerun_skips_finished_runs(tmp_path, cap
     assert not report["objectives"]["mdlm"]["isoflop_minima"][0]["usable"]
 
 
+def test_local_workers_run_the_points_side_by_side(tmp_path, capsys):
+    """--workers 2: two queues share the grid, every point completes once."""
+    args = ["plan", "--config", "tiny", "--objectives", "mdlm", "--budgets", "3e9", "4e9", "--depths", "1",
+            "--min-steps", "2", "--out", str(tmp_path), "--local", "--workers", "2", "data.tokenizer=byte",
+            "logging.wandb=false", "sampling.num_samples=0", "train.eval_batches=1"]
+    assert main(args) == 0
+    names = [p["name"] for p in json.loads((tmp_path / "plan.json").read_text())["points"]]
+    assert len(names) == 2
+    out = capsys.readouterr().out
+    for name in names:
+        assert out.count(f"{name}: complete") == 1 and (tmp_path / name / "checkpoints").is_dir()
+
+
+def test_points_that_would_repeat_the_training_split_too_often_are_dropped():
+    """--max-epochs: D over one epoch of the training split (its manifest's windows x seq_len); a point beyond the
+    limit is dropped with its reason, the others keep their epochs."""
+    from data_pipeline.datasets import embedded_corpus_shards
+    from data_pipeline.shard_check import read_manifest
+    from data_pipeline.tokenizer import load_tokenizer
+    from pathlib import Path
+
+    overrides = ["data.tokenizer=byte"]
+    cfg = load_config("tiny", overrides)
+    root = embedded_corpus_shards(cfg.data.source, load_tokenizer("byte"), cfg.data.seq_len,
+                                  Path(cfg.data.cache_dir).expanduser())
+    manifest = read_manifest(root / "train")
+    epoch = manifest["num_samples"] * manifest["seq_len"]
+    unlimited, _ = isoflop_grid("tiny", [1e11, 1e13], ["mdlm"], [1, 2], min_steps=1, max_epochs=0,
+                                overrides=overrides)
+    assert len(unlimited) == 4 and max(p.epochs for p in unlimited) > 1
+    for p in unlimited:
+        assert p.epochs == pytest.approx(p.tokens / epoch)
+    limit = sorted(p.epochs for p in unlimited)[-2]  # keeps all but the most repeated point
+    kept, dropped = isoflop_grid("tiny", [1e11, 1e13], ["mdlm"], [1, 2], min_steps=1, max_epochs=limit,
+                                 overrides=overrides)
+    assert len(kept) == 3 and all(p.epochs <= limit for p in kept)
+    assert len(dropped) == 1 and "epochs of the training split" in dropped[0]
+
+
+def test_max_epochs_without_the_data_is_one_clear_error(tmp_path, capsys):
+    assert main(["plan", "--budgets", "1e13", "--out", str(tmp_path), "data.path=" + str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--max-epochs needs the training split's size" in err and "nowhere" in err
+
+
 def test_a_grid_without_any_runnable_point_is_refused(tmp_path, capsys):
-    assert main(["plan", "--budgets", "1e6", "--out", str(tmp_path)]) == 2
+    assert main(["plan", "--budgets", "1e6", "--max-epochs", "0", "--out", str(tmp_path)]) == 2
     assert "no grid point has enough steps" in capsys.readouterr().err
