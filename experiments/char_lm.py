@@ -176,7 +176,7 @@ def confidence_agreement(checkpoint: Path, x, t: float = 0.5, seed: int = 0) -> 
         z = torch.where(masked, torch.full_like(x, denoiser.mask_id), x)
         hidden = denoiser(z, torch.full((x.shape[0],), t))
         w_hat = schedule.backward_exponents(denoiser.scheduler_logits("backward_scheduler", hidden))
-        logits = denoiser.output_logits(hidden.reshape(-1, hidden.shape[-1])).float()[:, : denoiser.vocab_size]
+        logits = denoiser.vocab_logits(hidden.reshape(-1, hidden.shape[-1])).float()
         confidence = logits.softmax(-1).max(-1).values.reshape(x.shape)  # [n, L]
     rho = [spearman(w_hat[i][masked[i]].numpy(), confidence[i][masked[i]].numpy())
            for i in range(x.shape[0]) if masked[i].sum() > 2]

@@ -278,6 +278,14 @@ class Denoiser(MegatronModule):
             logits = logits.masked_fill(pad, PAD_LOGIT)
         return logits
 
+    def vocab_logits(self, hidden: Tensor) -> Tensor:
+        """[n, h] features -> [n, vocab_size] logits over the whole real vocabulary, gathered across TP ranks: what
+        sampling and analysis read (the loss stays vocab-parallel: `weighted_nll`, `token_nll`)."""
+        logits = self.output_logits(hidden)
+        if self.config.tensor_model_parallel_size > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.process_groups.tp)
+        return logits[:, : self.vocab_size]
+
     def token_nll(self, logits: Tensor, targets: Tensor) -> Tensor:
         """-log p(target) per row of `output_logits`' [n, v_shard], [n], in fp32, reduced across TP shards."""
         logits = logits.float()

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import betainc
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
 from mdm_scale.cli import expected_errors
@@ -99,11 +98,8 @@ def reveal_counts(num_masked: Tensor, t: float, s: float, last: bool) -> Tensor:
 
 def _probabilities(denoiser: Denoiser, features: Tensor, temperature: float, top_p: float) -> Tensor:
     """[n, h] features -> [n, V] token probabilities (TP logits gathered; temperature, nucleus)."""
-    logits = denoiser.output_logits(features).float()  # [n, v_shard]
-    config = getattr(denoiser, "config", None)  # stand-ins (experiments' exact oracles) are one process
-    if config is not None and config.tensor_model_parallel_size > 1:
-        logits = gather_from_tensor_model_parallel_region(logits, group=denoiser.process_groups.tp)
-    probs = torch.softmax(logits[:, : denoiser.vocab_size] / max(temperature, 1e-6), dim=-1)
+    logits = denoiser.vocab_logits(features).float()  # [n, V]
+    probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
     return nucleus(probs, top_p) if top_p < 1.0 else probs
 
 

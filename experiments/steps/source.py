@@ -146,7 +146,8 @@ class OracleDenoiser:
 
     Token ids are `offset + symbol` in a vocabulary of `vocab_size` (mask id = vocab_size, as in the project's
     Denoiser). `__call__(z, t)` returns "features" that are already log-probabilities [b, l, vocab_size] (-inf off
-    the alphabet); `output_logits` is the identity. Visible tokens outside the alphabet are treated as unknown."""
+    the alphabet); `output_logits` and `vocab_logits` are the identity. Visible tokens outside the alphabet are
+    treated as unknown."""
 
     def __init__(self, source: MarkovSource, *, vocab_size: int, offset: int, max_seq_len: int = 1024,
                  jitter: float = 0.0, seed: int = 0):
@@ -171,6 +172,8 @@ class OracleDenoiser:
 
     def output_logits(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+    vocab_logits = output_logits  # one process: the whole vocabulary already
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         b, l = z.shape

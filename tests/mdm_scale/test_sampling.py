@@ -197,10 +197,10 @@ class _Planted(torch.nn.Module):
         h = torch.zeros(b, l, 3)
         h[..., 0] = 2.0
         h[:, self.sharp, 0], h[:, self.flat, 0] = 9.0, 0.0
-        h[..., 1] = torch.arange(l).float()  # position id, so output_logits can tell rows apart
+        h[..., 1] = torch.arange(l).float()  # position id, so vocab_logits can tell rows apart
         return h
 
-    def output_logits(self, features):
+    def vocab_logits(self, features):
         logits = torch.zeros(features.shape[0], self.vocab_size)
         logits[:, 5] = features[:, 0]
         return logits
