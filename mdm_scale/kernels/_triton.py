@@ -1,7 +1,7 @@
 """Triton kernels (imported only when the Triton backend is selected; see mdm_scale/kernels/__init__.py).
 
 Run on CPU tensors with TRITON_INTERPRET=1 (set before this module is imported: triton.jit reads it when the
-kernels are decorated). The hash below must stay operation-for-operation identical to rng.py.
+kernels are decorated).
 """
 
 from __future__ import annotations
@@ -10,128 +10,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from mdm_scale.kernels.seed import split_seed
-
-
-# ---------------------------------------------------------------------------------------------------- counter RNG
-# Only literals < 2^31 appear below (32-bit constants are passed as 16-bit halves), and every intermediate stays
-# in [0, 2^48) on int64: the same integers as rng.py, on any backend.
-
-
-@triton.jit
-def _low32(x):
-    return x - ((x >> 32) << 32)
-
-
-@triton.jit
-def _mul32(a, C_LO: tl.constexpr, C_HI: tl.constexpr):
-    return _low32(a * C_LO + (((a * C_HI) & 65535) << 16))
-
-
-@triton.jit
-def _fmix32(h):
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0xCA6B, 0x85EB)  # 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xAE35, 0xC2B2)  # 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _combine(h, x):
-    return _fmix32(_low32(_mul32(h, 0x79B9, 0x9E37) + x))  # GOLDEN = 0x9E3779B9
-
-
-@triton.jit
-def _sequence_key(index, seed_lo, seed_hi):
-    index = index.to(tl.int64)
-    h = index * 0 + 0x243F6A88  # INIT
-    h = _combine(_combine(h, seed_lo), seed_hi)
-    return _combine(_combine(h, _low32(index)), index >> 32)
-
-
-@triton.jit
-def _uniforms(key, pos, F64: tl.constexpr):
-    """key: scalar int64; pos: int64 positions -> uniforms in [0, 1) (float64 with 53 bits or float32 with 24)."""
-    a = _combine(_combine(key, 2 * pos), 0x5BD1E995)  # SALT
-    if F64:
-        b = _combine(_combine(key, 2 * pos + 1), 0x5BD1E995)
-        return ((a >> 5) * 67108864 + (b >> 6)).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
-    else:
-        return (a >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
-
-
-@triton.jit
-def _uniforms_kernel(index_ptr, out_ptr, seq_len, seed_lo, seed_hi, F64: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    key = _sequence_key(tl.load(index_ptr + row), seed_lo, seed_hi)
-    u = _uniforms(key, offs.to(tl.int64), F64)
-    tl.store(out_ptr + row * seq_len + offs, u, mask=offs < seq_len)
-
-
-def counter_uniforms(seed: int, sequence_index: Tensor, seq_len: int, dtype: torch.dtype) -> Tensor:
-    if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"counter_uniforms supports float64 and float32, not {dtype}")
-    seed_lo, seed_hi = split_seed(seed)
-    index = sequence_index.to(torch.int64).contiguous()
-    out = torch.empty(len(index), seq_len, dtype=dtype, device=index.device)
-    if out.numel():
-        block = min(1024, triton.next_power_of_2(seq_len))
-        _uniforms_kernel[(len(index), triton.cdiv(seq_len, block))](
-            index, out, seq_len, seed_lo, seed_hi, F64=dtype == torch.float64, BLOCK=block)
-    return out
-
-
-# -------------------------------------------------------------------------------------------------------- masking
-
-
-@triton.jit
-def _polynomial_masking_kernel(x0_ptr, t_ptr, t_weight_ptr, w_ptr, w_row_stride, index_ptr, uniforms_ptr, scale_ptr,
-                               z_ptr, masked_ptr, weight_ptr, seq_len, seed_lo, seed_hi, mask_id,
-                               GIVEN_UNIFORMS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < seq_len
-    if GIVEN_UNIFORMS:  # [b, l] float64 uniforms from the caller (e.g. draw_noise's generator stream)
-        u = tl.load(uniforms_ptr + row * seq_len + offs, mask=valid, other=1.0).to(tl.float64)
-    else:  # counter RNG
-        key = _sequence_key(tl.load(index_ptr + row), seed_lo, seed_hi)
-        u = _uniforms(key, offs.to(tl.int64), True)  # float64
-    t = tl.maximum(tl.load(t_ptr + row), 1e-300)  # float64 (1e-300 is a float64 literal: below fp32's range)
-    w = tl.load(w_ptr + row * w_row_stride + offs, mask=valid, other=1.0)  # float64 exponents
-    # mask probability scale * t^w in log space, as polynomial_masking (scale: float64 from a tensor, not an fp32 arg)
-    masked = u < tl.load(scale_ptr) * tl.exp(w * tl.log(t))
-    weight = tl.where(masked, ((w / t) * tl.load(t_weight_ptr + row)).to(tl.float32), 0.0)
-    x0 = tl.load(x0_ptr + row * seq_len + offs, mask=valid, other=0)
-    tl.store(z_ptr + row * seq_len + offs, tl.where(masked, mask_id, x0), mask=valid)
-    tl.store(masked_ptr + row * seq_len + offs, masked.to(tl.int8), mask=valid)
-    tl.store(weight_ptr + row * seq_len + offs, weight, mask=valid)
-
-
-def polynomial_masking(x0: Tensor, t: Tensor, t_weight: Tensor, exponents: Tensor, seed: int | None,
-                       sequence_index: Tensor | None, mask_id: int, mask_scale: float = 1.0,
-                       uniforms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    b, l = x0.shape
-    given = uniforms is not None
-    seed_lo, seed_hi = (0, 0) if given else split_seed(seed)
-    index = t.new_zeros(b, dtype=torch.int64) if given else sequence_index.to(torch.int64).contiguous()
-    uniforms = uniforms.to(torch.float64).contiguous() if given else t.new_zeros(1, dtype=torch.float64)
-    x0 = x0.contiguous()
-    w = exponents.to(torch.float64)
-    w_row_stride = 0 if w.dim() == 1 else l
-    w = w.contiguous()
-    z_t = torch.empty_like(x0)
-    masked = torch.empty(b, l, dtype=torch.int8, device=x0.device)
-    weight = torch.empty(b, l, dtype=torch.float32, device=x0.device)
-    if x0.numel():
-        block = min(1024, triton.next_power_of_2(l))
-        _polynomial_masking_kernel[(b, triton.cdiv(l, block))](
-            x0, t.to(torch.float64).contiguous(), t_weight.to(torch.float64).contiguous(), w, w_row_stride,
-            index, uniforms, torch.tensor([mask_scale], dtype=torch.float64, device=x0.device),
-            z_t, masked, weight, l, seed_lo, seed_hi, mask_id, GIVEN_UNIFORMS=given, BLOCK=block)
-    return z_t, masked.view(torch.bool), weight
 
 
 # ---------------------------------------------------------------------------------------------- cross-entropy

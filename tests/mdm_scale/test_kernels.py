@@ -1,4 +1,4 @@
-"""Fused kernels (issue 4) against their torch references: counter RNG, polynomial masking, linear cross-entropy.
+"""Fused kernels (issue 4) against their torch references: linear + weighted cross-entropy.
 
 The Triton cases run on CPU through the Triton interpreter: TRITON_INTERPRET=1 must be set before triton.jit
 decorates the kernels, i.e. before mdm_scale.kernels._triton is first imported (it is imported lazily, on the first
@@ -11,16 +11,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import types  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mdm_scale.kernels import resolve_backend, triton_available  # noqa: E402
 from mdm_scale.kernels.linear_cross_entropy import weighted_linear_cross_entropy  # noqa: E402
-from mdm_scale.kernels.masking import fused_polynomial_masking  # noqa: E402
-from mdm_scale.kernels.rng import counter_uniforms  # noqa: E402
 
 needs_triton = pytest.mark.skipif(
     not triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -43,129 +39,6 @@ def test_resolve_backend(monkeypatch):
             resolve_backend("triton", "cpu")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert resolve_backend("triton", "cpu") == "triton"
-
-
-# ----------------------------------------------------------------------------------------------------------- RNG
-
-INDICES = torch.tensor([0, 1, 2, 3, 7, 2**31 - 1, 2**32 + 5, 2**40 + 3, 2**62 + 11], dtype=torch.int64)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("seed", [0, 1, 2**31, 2**33 + 17, 2**64 - 1])
-def test_counter_uniforms_torch_and_triton_are_bit_identical(seed, dtype):
-    a = counter_uniforms(seed, INDICES, 37, dtype=dtype, backend="torch")
-    b = counter_uniforms(seed, INDICES, 37, dtype=dtype, backend="triton")
-    assert a.dtype == b.dtype == dtype and a.shape == (len(INDICES), 37)
-    assert torch.equal(a, b)
-
-
-def test_counter_uniforms_golden_values():
-    """Pins the hash: a changed constant or operation would silently change every run's masks."""
-    u = counter_uniforms(1234, torch.tensor([0, 5]), 3, backend="torch")
-    assert u.tolist() == [[0.8106941670173843, 0.27628471956001266, 0.9198540977753403],
-                          [0.20725613559926803, 0.4300507164124622, 0.6762197584719496]]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_counter_uniforms_depend_only_on_global_index(backend):
-    full = counter_uniforms(5, torch.arange(8), 29, backend=backend)
-    halves = torch.cat([counter_uniforms(5, torch.arange(4), 29, backend=backend),
-                        counter_uniforms(5, torch.arange(4, 8), 29, backend=backend)])
-    assert torch.equal(full, halves)  # DP slices
-    strided = counter_uniforms(5, torch.arange(1, 8, 2), 29, backend=backend)
-    assert torch.equal(full[1::2], strided)  # the data loader's strided DP slices
-    perm = torch.tensor([6, 2, 7, 0])
-    assert torch.equal(counter_uniforms(5, perm, 29, backend=backend), full[perm])
-    assert torch.equal(counter_uniforms(5, torch.arange(8), 13, backend=backend), full[:, :13])  # prefix of positions
-    assert not torch.equal(counter_uniforms(6, torch.arange(8), 29, backend=backend), full)  # the seed matters
-
-
-def test_counter_uniforms_look_uniform_and_independent():
-    u = counter_uniforms(3, torch.arange(400), 500)  # 200k draws
-    assert 0 <= u.min() and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.003 and abs(u.var().item() - 1 / 12) < 0.002
-    hist = torch.histc(u.float(), bins=20, min=0, max=1)
-    chi2 = ((hist - u.numel() / 20) ** 2 / (u.numel() / 20)).sum().item()
-    assert chi2 < 45  # 19 dof: p ~ 1e-3
-    for a, b in [(u[:, :-1], u[:, 1:]), (u[:-1], u[1:])]:  # neighbouring positions, neighbouring sequences
-        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
-    assert len(torch.unique(u)) == u.numel()
-
-
-# ------------------------------------------------------------------------------------------------------- masking
-
-
-def _noise_inputs(b=6, l=37):
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, 50, (b, l), generator=g)
-    t = torch.tensor([1e-30, 0.05, 0.3, 0.5, 0.9, 1.0], dtype=torch.float64)[:b]
-    t_weight = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
-    return x0, t, t_weight
-
-
-def test_masking_matches_polynomial_masking_and_apply_noise():
-    from mdm_scale.objective import apply_noise
-    from mdm_scale.schedules.base import polynomial_masking
-    from mdm_scale.schedules.univariate import UnivariateSchedule
-
-    x0, t, t_weight = _noise_inputs()
-    b, l = x0.shape
-    index = torch.arange(b) + 40
-    uniforms = counter_uniforms(9, index, l)
-    denoiser = types.SimpleNamespace(mask_id=50, causal=False)
-    # Univariate polynomial schedule (w = 2): the objective's own path.
-    noised = apply_noise(denoiser, UnivariateSchedule("polynomial", exponent=2.0), x0, t, t_weight, uniforms)
-    out = fused_polynomial_masking(x0, t, t_weight, torch.full((l,), 2.0), seed=9, sequence_index=index, mask_id=50,
-                                   backend="torch")
-    assert torch.equal(out.masked, noised.masked) and torch.equal(out.z_t, noised.z_t)
-    expected = (noised.masking.weight * t_weight[:, None]).to(torch.float32) * noised.masked
-    torch.testing.assert_close(out.weight, expected, rtol=1e-6, atol=0)
-    # Per-position exponents [b, l] (MDM-LS / LoMDM).
-    w = 0.25 + 1.5 * torch.rand(b, l, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    masking = polynomial_masking(t, w)
-    out = fused_polynomial_masking(x0, t, t_weight, w, seed=9, sequence_index=index, mask_id=50, backend="torch")
-    assert torch.equal(out.masked, uniforms < masking.mask_prob)
-    torch.testing.assert_close(out.weight, (masking.weight * t_weight[:, None]).float() * out.masked, rtol=1e-6,
-                               atol=0)
-    # MDLM's log-linear schedule: w = 1 with mask_scale = 1 - eps.
-    noised = apply_noise(denoiser, UnivariateSchedule("loglinear", eps=1e-3), x0, t, t_weight, uniforms)
-    out = fused_polynomial_masking(x0, t, t_weight, torch.ones(l), seed=9, sequence_index=index, mask_id=50,
-                                   mask_scale=1 - 1e-3, backend="torch")
-    assert torch.equal(out.masked, noised.masked)
-    torch.testing.assert_close(out.weight, (noised.masking.weight * t_weight[:, None]).float() * noised.masked,
-                               rtol=1e-6, atol=0)
-    # Edge times: nothing masked at t = 1e-30, everything at t = 1, something in between.
-    assert not out.masked[0].any() and out.masked[-1].all() and 0 < out.masked[2:5].float().mean() < 1
-    # Caller-given uniforms (draw_noise's generator stream) instead of the counter RNG.
-    rand = torch.rand(b, l, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    noised = apply_noise(denoiser, UnivariateSchedule("polynomial", exponent=0.5), x0, t, t_weight, rand)
-    out = fused_polynomial_masking(x0, t, t_weight, torch.full((l,), 0.5), uniforms=rand, mask_id=50, backend="torch")
-    assert torch.equal(out.masked, noised.masked) and torch.equal(out.z_t, noised.z_t)
-
-
-@needs_triton
-@pytest.mark.parametrize("per_position", [False, True])
-@pytest.mark.parametrize("mask_scale", [1.0, 1 - 1e-3])
-def test_masking_triton_matches_torch(per_position, mask_scale):
-    x0, t, t_weight = _noise_inputs()
-    b, l = x0.shape
-    g = torch.Generator().manual_seed(2)
-    w = 0.25 + 1.5 * torch.rand(b, l, generator=g, dtype=torch.float64) if per_position else torch.rand(l) + 0.5
-    kw = dict(seed=2**40 + 3, sequence_index=torch.arange(b) * 3 + 1, mask_id=50, mask_scale=mask_scale)
-    ref = fused_polynomial_masking(x0, t, t_weight, w, backend="torch", **kw)
-    out = fused_polynomial_masking(x0, t, t_weight, w, backend="triton", **kw)
-    assert out.z_t.dtype == torch.int64 and out.masked.dtype == torch.bool and out.weight.dtype == torch.float32
-    assert torch.equal(out.masked, ref.masked) and torch.equal(out.z_t, ref.z_t)
-    torch.testing.assert_close(out.weight, ref.weight, rtol=1e-6, atol=0)
-    assert torch.equal(out.z_t == 50, out.masked) and torch.equal(out.z_t[~out.masked], x0[~out.masked])
-    assert 0 < out.masked.float().mean() < 1
-    rand = torch.rand(b, l, generator=g, dtype=torch.float64)
-    kw = dict(uniforms=rand, mask_id=50, mask_scale=mask_scale)
-    ref = fused_polynomial_masking(x0, t, t_weight, w, backend="torch", **kw)
-    out = fused_polynomial_masking(x0, t, t_weight, w, backend="triton", **kw)
-    assert torch.equal(out.masked, ref.masked) and torch.equal(out.z_t, ref.z_t) and 0 < out.masked.float().mean() < 1
-    torch.testing.assert_close(out.weight, ref.weight, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- cross-entropy
@@ -226,24 +99,27 @@ def test_linear_cross_entropy_unpadded_vocab_and_large_logits(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_cross_entropy_all_masked_and_none_masked(backend):
-    """Rows selected by the masking kernel: t = 1 masks every position, t ~ 0 none; loss as nelbo_from_features."""
+    """Rows selected by the training path's own masking (polynomial_masking on uniforms, as apply_noise): t = 1
+    masks every position, t ~ 0 none; loss weights and loss as nelbo_from_features."""
+    from mdm_scale.schedules.base import polynomial_masking
+
     b, l, h, vocab, v_shard = 3, 11, 16, 130, 256
     g = torch.Generator().manual_seed(3)
     x0 = torch.randint(0, vocab, (b, l), generator=g)
     t = torch.tensor([1.0, 1e-30, 0.5], dtype=torch.float64)
     t_weight = torch.tensor([1.0, 2.0, 0.7], dtype=torch.float64)
-    noise = fused_polynomial_masking(x0, t, t_weight, torch.ones(l), seed=1, sequence_index=torch.arange(b),
-                                     mask_id=vocab, backend=backend)
-    assert noise.masked[0].all() and not noise.masked[1].any()
+    masking = polynomial_masking(t, torch.ones(l))  # w = 1: mask probability t
+    m = torch.rand(b, l, generator=g, dtype=torch.float64) < masking.mask_prob
+    assert m[0].all() and not m[1].any() and 0 < m[2].sum() < l
+    row_weight = (masking.weight * t_weight[:, None]).float() * m  # A_i(t) t_weight at masked positions
     hidden = torch.randn(b, l, h, generator=g, requires_grad=True)
     weight = (torch.randn(v_shard, h, generator=g) * 0.5).requires_grad_()
-    m = noise.masked
     # reference: nll at every masked position, weighted, summed (objective.nelbo_from_features' reconstruction)
     nll_full = torch.zeros(b, l)
     nll_full[m] = reference_loss(hidden[m], weight, x0[m], torch.ones(int(m.sum())), vocab)[1]
-    ref = (noise.weight * nll_full).sum()
+    ref = (row_weight * nll_full).sum()
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    loss, nll = weighted_linear_cross_entropy(hidden[m], weight, x0[m], noise.weight[m], vocab_size=vocab,
+    loss, nll = weighted_linear_cross_entropy(hidden[m], weight, x0[m], row_weight[m], vocab_size=vocab,
                                               chunk_rows=4, backend=backend, block_v=128)
     grads = torch.autograd.grad(loss, (hidden, weight))
     torch.testing.assert_close(loss, ref, **TOL)
@@ -254,7 +130,7 @@ def test_linear_cross_entropy_all_masked_and_none_masked(backend):
 
     # No masked position at all: n = 0 rows, an exact zero that still backpropagates zeros.
     empty = torch.zeros(0, dtype=torch.bool).new_zeros(b, l)
-    rw = noise.weight.clone().requires_grad_()
+    rw = row_weight.clone().requires_grad_()
     loss, nll = weighted_linear_cross_entropy(hidden[empty], weight, x0[empty], rw[empty], vocab_size=vocab,
                                               backend=backend)
     assert loss.item() == 0 and nll.shape == (0,)
@@ -379,9 +255,9 @@ def test_linear_cross_entropy_tensor_parallel_matches_single_rank():
 
 
 def compile_kernels_for_cuda() -> dict:
-    """Compile every Triton kernel to PTX for sm_90 (no GPU needed): catches typing and lowering errors (int64
-    hash arithmetic, fp64 exp/log, loop-carried types) that the interpreter does not see. Run with
-    TRITON_INTERPRET=0 (a subprocess), so that triton.jit builds compilable kernels."""
+    """Compile every Triton kernel to PTX for sm_90 (no GPU needed): catches typing and lowering errors (mixed
+    int64 / int32 offsets, loop-carried types) that the interpreter does not see. Run with TRITON_INTERPRET=0
+    (a subprocess), so that triton.jit builds compilable kernels."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -391,15 +267,6 @@ def compile_kernels_for_cuda() -> dict:
     target = GPUTarget("cuda", 90, 32)
     ce = {"logits_ptr": "*fp32", "stride_row": "i32", "target_ptr": "*i64", "row_weight_ptr": "*fp32"}
     specs = [
-        (K._uniforms_kernel, {"index_ptr": "*i64", "out_ptr": "*fp64", "seq_len": "i32", "seed_lo": "i32",
-                              "seed_hi": "i64"}, {"F64": True, "BLOCK": 1024}),
-        (K._uniforms_kernel, {"index_ptr": "*i64", "out_ptr": "*fp32", "seq_len": "i32", "seed_lo": "i64",
-                              "seed_hi": "i32"}, {"F64": False, "BLOCK": 1024}),
-        *[(K._polynomial_masking_kernel, {
-            "x0_ptr": "*i64", "t_ptr": "*fp64", "t_weight_ptr": "*fp64", "w_ptr": "*fp64", "w_row_stride": "i32",
-            "index_ptr": "*i64", "uniforms_ptr": "*fp64", "scale_ptr": "*fp64", "z_ptr": "*i64", "masked_ptr": "*i8",
-            "weight_ptr": "*fp32", "seq_len": "i32", "seed_lo": "i64", "seed_hi": "i32", "mask_id": "i32"},
-         {"GIVEN_UNIFORMS": given, "BLOCK": 1024}) for given in (False, True)],
         *[(K._ce_forward_kernel, {**ce, "m_ptr": "*fp32", "s_ptr": "*fp32", "target_logit_ptr": "*fp32",
                                   "nll_ptr": "*fp32", "n_valid": "i32", "n_cols": "i32"},
            {"FUSED": fused, "WRITE_GRAD": grad, "BLOCK_V": 4096}) for fused, grad in [(True, True), (False, False)]],
@@ -431,4 +298,4 @@ def test_triton_kernels_compile_for_cuda():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "7 compiled" in result.stdout
+    assert "3 compiled" in result.stdout
