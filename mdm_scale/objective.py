@@ -123,9 +123,10 @@ def training_noise(batch_size: int, seq_len: int, cfg: ObjectiveConfig, sampler:
     uniforms for the global batch, drawn after the first, so the first rows see the unpaired noise). The choices
     and their combinations were validated when `cfg` was built (ObjectiveConfig.__post_init__)."""
     two_draw = cfg.score_baseline == "two_draw"  # its pairing rules are checked when the config is built
-    t, t_weight, uniforms = draw_noise(batch_size * data_parallel_size, seq_len, sampler, generator, device)
+    cpu = torch.device("cpu")  # the generator's device: draw there, copy only this rank's rows to `device`
+    t, t_weight, uniforms = draw_noise(batch_size * data_parallel_size, seq_len, sampler, generator, cpu)
     mine = slice(data_parallel_rank, None, data_parallel_size)
-    t, t_weight, uniforms = t[mine], t_weight[mine], uniforms[mine]
+    t, t_weight, uniforms = (x[mine].to(device) for x in (t, t_weight, uniforms))
     mirrored = cfg.mask_pairs == "mirror"
     if mirrored:
         t, t_weight, uniforms = mirror_rows(t), mirror_rows(t_weight), torch.cat([uniforms, 1 - uniforms])
