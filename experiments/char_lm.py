@@ -106,11 +106,13 @@ def objective_of(run_dir: Path) -> str:
     return run_dir.name.rsplit("-s", 1)[0]
 
 
-def learning_curve(run_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
-    """[(tokens, held-out bits/byte)] from the training evaluations (a fixed held-out sample and noise seed)."""
+def learning_curve(run_dir: Path, tokens_per_step: int, key: str = "eval/nelbo") -> list[tuple[int, float]]:
+    """[(tokens, held-out bits/byte)] from the training evaluations (a fixed held-out sample and noise seed).
+    key "eval/nelbo_order_form": the unbiased order form that learned schedules also log (mdm_scale.evaluation
+    .truncation_biased), from the step it was first logged on."""
     from mdm_scale.metrics import read_metrics
 
-    last = {int(row["step"]): float(row["eval/nelbo"]) for row in read_metrics(run_dir) if "eval/nelbo" in row}
+    last = {int(row["step"]): float(row[key]) for row in read_metrics(run_dir) if key in row}
     return [(step * tokens_per_step, bits(v)) for step, v in sorted(last.items())]
 
 
@@ -190,7 +192,7 @@ def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe:
     import torch
 
     from mdm_scale.config import load_config
-    from mdm_scale.evaluation import evaluate_checkpoint, exact_ar_nll
+    from mdm_scale.evaluation import evaluate_checkpoint, exact_ar_nll, truncation_biased
     from mdm_scale.model import load_for_inference
     from mdm_scale.sampling import generate, generation_nll, token_entropy
     from parallel.checkpoint import list_checkpoints
@@ -205,7 +207,10 @@ def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe:
     ev = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples, exact_ar=False)
     out.update(nelbo=ev["nelbo"], nelbo_stderr=ev["nelbo_stderr"], bits_per_byte=bits(ev["nelbo"]),
                bits_stderr=bits(ev["nelbo_stderr"]), eval_batches=ev["batches"], time_samples=time_samples)
-    if cfg.objective.schedule.kind in ("mdm_ls", "lomdm") and cfg.objective.estimator == "time":
+    order_curve = learning_curve(run_dir, tokens_per_step, "eval/nelbo_order_form")
+    if order_curve:
+        out["curve_order_form"] = order_curve
+    if truncation_biased(cfg.objective):
         # the time form's t_min drops t_min^w of each position's loss; the order form at t_min 0 does not
         unbiased = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples,
                                        exact_ar=False, estimator="order")
@@ -249,6 +254,10 @@ def summarise(runs: list[dict]) -> dict:
         if mdlm_curve_final is not None:
             reach = [tokens_to_reach(r["curve"], mdlm_curve_final) for r in rs]
             row["fraction_of_mdlm_tokens_to_reach_its_final"] = [None if t is None else t / mdlm_tokens for t in reach]
+            if any("curve_order_form" in r for r in rs):  # the unbiased curve, from where it was first logged
+                reach = [tokens_to_reach(r.get("curve_order_form", []), mdlm_curve_final) for r in rs]
+                row["fraction_of_mdlm_tokens_to_reach_its_final_order_form"] = [
+                    None if t is None else t / mdlm_tokens for t in reach]
         if mdlm_final is not None:
             row["minus_mdlm"] = float(values.mean() - mdlm_final)
         if any("order_form_bits_per_byte" in r for r in rs):

@@ -23,7 +23,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import scipy.stats
 
-LEARNED_KINDS = ("mdm_ls", "lomdm")
 """Schedule kinds whose exponents are parameters (read back by `learned_exponents`)."""
 
 CONTROL_OVERRIDES = {
@@ -182,6 +181,8 @@ def learned_exponents(cfg, checkpoint_dir: str | os.PathLike, x: np.ndarray | No
     (clean-x features through the denoiser, then the head, as in training): their mean over x [L], or all of
     them [n, L] with per_sample=True."""
     import torch
+
+    from mdm_scale.config import LEARNED_KINDS
 
     kind = cfg.objective.schedule.kind
     if kind not in LEARNED_KINDS:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from mdm_scale.cli import expected_errors
-from mdm_scale.config import ObjectiveConfig
+from mdm_scale.config import LEARNED_KINDS, ObjectiveConfig
 from mdm_scale.denoiser import Denoiser
 from mdm_scale.model import load_for_inference
 from mdm_scale.objective import document_masks, draw_noise, nelbo
@@ -34,6 +34,17 @@ from mdm_scale.time_sampling import TimeSampler, grid_times
 
 
 @torch.no_grad()
+def order_form(objective: ObjectiveConfig) -> ObjectiveConfig:
+    """The order form at t_min = 0: unbiased for every polynomial-family schedule, learned exponents included."""
+    return replace(objective, estimator="order", t_min=0.0, time_power=1.0, t_sampler="antithetic")
+
+
+def truncation_biased(objective: ObjectiveConfig) -> bool:
+    """The time form with learned exponents: positions with w_i < 1 lose a fraction t_min^{w_i} of their loss
+    (docs/objective.md 5b), so its NELBO is optimistic; `order_form` is reported beside it."""
+    return objective.schedule.kind in LEARNED_KINDS and objective.estimator == "time"
+
+
 def evaluate_nelbo(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -136,7 +147,7 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "heldout", data_path: s
     denoiser, schedule = model["denoiser"], model["schedule"]
     objective = cfg.objective
     if estimator == "order":
-        objective = replace(objective, estimator="order", t_min=0.0, time_power=1.0, t_sampler="antithetic")
+        objective = order_form(objective)
     elif estimator is not None:
         objective = replace(objective, estimator=estimator)
     remote = None if data_path else (cfg.data.remote or None)

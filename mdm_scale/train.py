@@ -20,7 +20,7 @@ from torch import nn
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
 from mdm_scale.config import RunConfig, check_layout
-from mdm_scale.evaluation import evaluate_nelbo
+from mdm_scale.evaluation import evaluate_nelbo, order_form, truncation_biased
 from mdm_scale.metrics import MetricsLogger
 from mdm_scale.model import build_model
 from mdm_scale.objective import training_nelbo
@@ -161,8 +161,13 @@ def _train(cfg: RunConfig, dims: ParallelDims, stop: StopRequest | None) -> Trai
         with _autocast(cfg, dims):
             metrics = evaluate_nelbo(denoiser, schedule, eval_batches, cfg.objective,
                                      time_samples=cfg.train.eval_time_samples, device=dims.device)
+            if truncation_biased(cfg.objective):  # the unbiased value beside the run's own (optimistic) one
+                metrics["nelbo_order_form"] = evaluate_nelbo(
+                    denoiser, schedule, eval_batches, order_form(cfg.objective),
+                    time_samples=cfg.train.eval_time_samples, device=dims.device)["nelbo"]
         result.evals[step] = metrics["nelbo"]
-        logger.write(f"eval step {step}: nelbo {metrics['nelbo']:.4f} ppl<= {metrics['ppl_bound']:.1f}")
+        logger.write(f"eval step {step}: nelbo {metrics['nelbo']:.4f} ppl<= {metrics['ppl_bound']:.1f}"
+                     + (f" (order form {metrics['nelbo_order_form']:.4f})" if "nelbo_order_form" in metrics else ""))
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
 
     def checkpoint(final: bool = False) -> None:

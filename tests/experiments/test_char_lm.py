@@ -60,4 +60,9 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert math.isfinite(summary["lomdm_paper"]["order_form_bits_per_byte"][0])  # the unbiased form too
     lomdm = next(r for r in result["runs"] if r["objective"] == "lomdm_paper")
     assert len(lomdm["order"]["mean_reveal_time"]) == 32 and lomdm["confidence"]["sequences"] > 0
+    # learned schedules log the unbiased order form at every training evaluation too; fixed ones do not need it
+    assert [t for t, _ in lomdm["curve_order_form"]] == [t for t, _ in lomdm["curve"]] and len(lomdm["curve"]) == 3
+    assert [v for _, v in lomdm["curve_order_form"]] != [v for _, v in lomdm["curve"]]
+    assert all("curve_order_form" not in r for r in result["runs"] if r["objective"] != "lomdm_paper")
+    assert "fraction_of_mdlm_tokens_to_reach_its_final_order_form" in summary["lomdm_paper"]
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
