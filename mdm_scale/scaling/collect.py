@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mdm_scale.config import load_config
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
-from mdm_scale.scaling.fit import Point
+from mdm_scale.scaling.points import Point
 from parallel.checkpoint import list_checkpoints
 
 

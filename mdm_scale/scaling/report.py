@@ -1,19 +1,28 @@
 """One fit report over finished runs: per objective the IsoFLOP minima and laws, the parametric law with bootstrap
-intervals, and each objective's compute multiplier against a reference objective (fit.py does the mathematics).
+intervals, and each objective's compute multiplier against a reference objective (isoflop.py, parametric.py and
+frontier.py do the mathematics; plots.py draws fit.png).
 
 The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
 the runs cover, not extrapolated beyond it. A part that cannot be computed (too few runs, too few usable budgets, a
-loss an objective's fit cannot reach) is reported with its reason, never as a number.
+loss an objective's fit cannot reach) is reported with its reason, never as a number. fit.json is strict JSON
+(`to_json`): a non-finite number, such as an unbounded multiplier interval, is written as a string, not null.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import Mapping
 
-from mdm_scale.scaling.fit import (Point, bootstrap_parametric, by_objective, compute_multiplier_interval,
-                                   fit_parametric, flops_per_token_from_points, isoflop_minima, isoflop_scaling,
-                                   plot_fit, to_json)
+import numpy as np
+
+from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_token_from_points
+from mdm_scale.scaling.isoflop import isoflop_minima, isoflop_scaling
+from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
+from mdm_scale.scaling.plots import plot_fit
+from mdm_scale.scaling.points import Point, by_objective
 
 
 def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, reference: str = "mdlm",
@@ -57,3 +66,25 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
     if out is not None:
         (out / "fit.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else str(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def to_json(result, **kwargs) -> str:
+    """Strict JSON of any scaling result (dataclasses, lists and dicts of them). JSON has no inf or nan, so a
+    non-finite number is written as the string "inf", "-inf" or "nan" rather than silently as null."""
+    return json.dumps(_jsonable(result), allow_nan=False, **kwargs)

@@ -1,4 +1,5 @@
-"""Scaling-law fits (mdm_scale/scaling/fit.py) against synthetic runs drawn from a known law
+"""Scaling-law fits (mdm_scale/scaling/: points, isoflop, parametric, frontier; with report.to_json and
+plots.plot_fit) against synthetic runs drawn from a known law
 L(N, D) = E + A / N^alpha + B / D^beta, so every recovered number has a true value to be checked against."""
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import math
 import numpy as np
 import pytest
 
-from mdm_scale.scaling import fit as scaling_fit
-from mdm_scale.scaling.fit import (ParametricFit, Point, bootstrap_parametric, compute_multiplier,
-                                   compute_multiplier_interval, compute_optimal, fit_parametric, group_budgets,
-                                   isoflop_minima, isoflop_scaling, plot_fit, power_law_fit, to_json)
+from mdm_scale.scaling import parametric
+from mdm_scale.scaling.frontier import (MultiplierInterval, compute_multiplier, compute_multiplier_interval,
+                                        compute_optimal)
+from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, power_law_fit
+from mdm_scale.scaling.parametric import ParametricFit, bootstrap_parametric, fit_parametric
+from mdm_scale.scaling.plots import plot_fit
+from mdm_scale.scaling.points import Point
+from mdm_scale.scaling.report import to_json
 
 TRUE = ParametricFit(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
 SIZES = np.geomspace(1e7, 1e9, 4)
@@ -43,15 +48,15 @@ def covers(interval, value) -> bool:
 
 # ------------------------------------------------------------------------------------------- parametric fit
 def test_huber_gradient_matches_central_differences():
-    log_n, log_d, log_l = scaling_fit._arrays(synthetic_points(seed=1))
+    log_n, log_d, log_l = parametric._arrays(synthetic_points(seed=1))
     for theta in ([6.0, 6.0, 0.5, 0.34, 0.28], [3.0, 8.0, 0.2, 0.6, 0.2]):
         for delta in (1e-3, 1.0):  # linear and quadratic branches of the Huber loss
             def value(t):
-                return scaling_fit._huber_objective(np.asarray(t), log_n, log_d, log_l, delta)[0]
+                return parametric._huber_objective(np.asarray(t), log_n, log_d, log_l, delta)[0]
 
             step = 1e-6 * np.eye(5)
             numeric = np.array([(value(theta + h) - value(theta - h)) / 2e-6 for h in step])
-            analytic = scaling_fit._huber_objective(np.array(theta), log_n, log_d, log_l, delta)[1]
+            analytic = parametric._huber_objective(np.array(theta), log_n, log_d, log_l, delta)[1]
             np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 
@@ -195,7 +200,7 @@ def test_point_refuses_non_positive_values():
 # ------------------------------------------------------------------------------------------------ output
 def test_results_serialise_to_strict_json():
     points = synthetic_points(noise=0.0) + synthetic_points(sizes=[1e8, 3e8], budgets=[1e22], noise=0.0)
-    interval = scaling_fit.MultiplierInterval(2.8, 3.0, 2.0, math.inf, 10, 0, 1)
+    interval = MultiplierInterval(2.8, 3.0, 2.0, math.inf, 10, 0, 1)
     text = to_json({"minima": isoflop_minima(points), "fit": fit_parametric(points, restarts=2),
                     "multiplier": interval})
     loaded = json.loads(text)

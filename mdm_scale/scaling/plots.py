@@ -1,0 +1,56 @@
+"""The figure of a scaling fit: IsoFLOP profiles beside the compute-optimal loss, so the two approaches can be
+compared by eye (approach 2's minima against approach 3's frontier)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mdm_scale.plots import pyplot, save_figure
+from mdm_scale.scaling.frontier import FlopsPerToken, compute_optimal, flops_per_token_from_points
+from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima
+from mdm_scale.scaling.parametric import ParametricFit
+from mdm_scale.scaling.points import Point, by_objective
+
+
+def plot_fit(points: Sequence[Point], fits: Mapping[str, ParametricFit] | None, path, *,
+             flops_per_token: FlopsPerToken | Mapping[str, FlopsPerToken] | None = None) -> str:
+    """PNG of two panels: left, IsoFLOP curves (loss against N per budget and objective, with each usable
+    parabola and its minimum); right, L_opt(C): the IsoFLOP minima and each objective's parametric frontier.
+    f(N) per objective: `flops_per_token` (one function or {objective: function}), else from the runs."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    minima = isoflop_minima(points)
+    for k, (objective, runs) in enumerate(by_objective(points).items()):
+        colour, budgets = colours[k % len(colours)], group_budgets(runs)
+        for j, (c, group) in enumerate(budgets):
+            shade = 0.35 + 0.65 * (j + 1) / len(budgets)  # darker = more compute
+            n = np.array([p.params for p in group])
+            left.scatter(n, [p.loss for p in group], color=colour, alpha=shade, s=18,
+                         label=objective if j == len(budgets) - 1 else None)
+            m = next(m for m in minima if m.objective == objective and m.flops == c)
+            if m.coefficients is not None and m.coefficients[0] > 0:
+                x = np.linspace(np.log10(n.min()), np.log10(n.max()), 100)
+                left.plot(10 ** x, np.polyval(m.coefficients, x), color=colour, alpha=shade, lw=1)
+            if m.usable:
+                left.scatter([m.n_opt], [m.l_opt], color=colour, marker="*", s=80, edgecolor="k", zorder=3)
+        good = [m for m in minima if m.objective == objective and m.usable]
+        right.scatter([m.flops for m in good], [m.l_opt for m in good], color=colour, marker="*", s=80,
+                      edgecolor="k", zorder=3, label=f"{objective} IsoFLOP minima")
+        if fits and objective in fits:
+            f = flops_per_token.get(objective) if isinstance(flops_per_token, Mapping) else flops_per_token
+            f = f or flops_per_token_from_points(runs)
+            c = np.geomspace(budgets[0][0] / 10, budgets[-1][0] * 10, 40)
+            right.plot(c, [compute_optimal(fits[objective], x, f)[2] for x in c], color=colour,
+                       label=f"{objective} parametric frontier")
+    left.set(xscale="log", xlabel="non-embedding parameters N", ylabel="held-out NELBO (nats/token)",
+             title="IsoFLOP profiles (darker = more FLOPs, * = parabola minimum)")
+    right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="L_opt (nats/token)",
+              title="compute-optimal loss")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return save_figure(fig, path)
