@@ -116,14 +116,17 @@ class SchedulerHead(nn.Module):
         config, layer_spec: the backbone's TransformerConfig and layer spec (needed when layers > 0).
         layers: transformer layers before the MLP (0: the MLP alone).
         position_bias: add the learned per-position bias.
+        process_groups: the backbone's process groups, for the layers (None: megatron's parallel_state's).
     """
 
     def __init__(self, hidden_size: int, head_size: int, max_seq_len: int, *, config: TransformerConfig | None = None,
-                 layer_spec=None, layers: int = 0, position_bias: bool = True):
+                 layer_spec=None, layers: int = 0, position_bias: bool = True,
+                 process_groups: ProcessGroupCollection | None = None):
         super().__init__()
         if layers:
             config = dataclasses.replace(config, hidden_dropout=0.0, attention_dropout=0.0)
-        self.layers = nn.ModuleList(build_module(layer_spec, config=config, layer_number=i + 1) for i in range(layers))
+        self.layers = nn.ModuleList(build_module(layer_spec, config=config, layer_number=i + 1,
+                                                 pg_collection=process_groups) for i in range(layers))
         self.net = nn.Sequential(nn.Linear(hidden_size, head_size), nn.GELU(), nn.Linear(head_size, 1))
         self.position_bias = nn.Parameter(torch.zeros(max_seq_len)) if position_bias else None
         nn.init.zeros_(self.net[-1].weight)
@@ -178,6 +181,8 @@ class Denoiser(MegatronModule):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.process_groups = process_groups if process_groups is not None else current_process_groups()
+        # megatron's layers get our groups too (None: one process, or its parallel_state's, as before)
+        tp_group = self.process_groups.tp if self.process_groups is not None else None
         stage = group_rank(self.process_groups, "pp")
         self.pre_process = pipeline_parallel_size == 1 or stage == 0
         self.post_process = pipeline_parallel_size == 1 or stage == pipeline_parallel_size - 1
@@ -194,6 +199,7 @@ class Denoiser(MegatronModule):
         if self.pre_process:
             self.embedding = LanguageModelEmbedding(
                 config, vocab_size=padded_vocab, max_sequence_length=max_seq_len, position_embedding_type="rope",
+                tp_group=tp_group,
             )
             self.time_embedding = TimeEmbedding(cfg.hidden_size) if cfg.time_conditioning else None
             if sequence_parallel and self.time_embedding is not None:  # added to this rank's positions only
@@ -202,7 +208,8 @@ class Denoiser(MegatronModule):
                                       use_cpu_initialization=True)
         layer_spec = denoiser_layer_spec(use_transformer_engine=use_te, causal=causal)
         self.decoder = TransformerBlock(config, denoiser_block_spec(config, use_transformer_engine=use_te, causal=causal),
-                                        pre_process=self.pre_process, post_process=self.post_process)
+                                        pre_process=self.pre_process, post_process=self.post_process,
+                                        pg_collection=self.process_groups)
         self.tie_embeddings = cfg.tie_embeddings
         self.output_layer = None
         self.scheduler_heads = nn.ModuleDict()
@@ -210,12 +217,12 @@ class Denoiser(MegatronModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 cfg.hidden_size, padded_vocab, config=head_config,
                 init_method=config.init_method, bias=False, gather_output=False,
-                skip_weight_param_allocation=cfg.tie_embeddings,
+                skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group,
             )
             self.scheduler_heads.update({
                 name: SchedulerHead(cfg.hidden_size, cfg.scheduler_head_size, max_seq_len, config=head_config,
                                     layer_spec=layer_spec, layers=scheduler_layers,
-                                    position_bias=scheduler_position_bias)
+                                    position_bias=scheduler_position_bias, process_groups=self.process_groups)
                 for name in scheduler_heads})
         self.causal = causal
         if kernels not in KERNEL_BACKENDS:

@@ -53,8 +53,9 @@ class ParallelDims:
         return group_rank(self.groups, "dp")
 
 
-GROUP_NAMES = ["tp", "pp", "mp", "dp"]
-"""The process groups the project uses, by megatron-core's ProcessGroupCollection names."""
+GROUP_NAMES = ["tp", "pp", "mp", "dp", "cp"]
+"""The process groups the project and megatron-core's layers use, by ProcessGroupCollection names (cp: context
+parallelism, size 1 here, which megatron's attention reads)."""
 
 
 def current_process_groups() -> ProcessGroupCollection | None:

@@ -94,3 +94,21 @@ def test_process_groups_travel_in_parallel_dims_outside_parallel(tmp_path):
     reads = [r for d in ("mdm_scale", "bench", "experiments", "launchers", "data_pipeline")
              for r in parallel_state_reads(root / d)]
     assert reads == []
+
+
+def test_megatron_layers_get_the_denoisers_process_groups(dims):
+    """The groups in ParallelDims reach megatron-core's own layers (the block, every transformer layer, the
+    scheduler heads' layers, the embedding and the output layer), not only our code: megatron would otherwise
+    build its own collection from parallel_state (a different object)."""
+    from mdm_scale.config import load_config
+    from mdm_scale.model import build_model
+
+    cfg = load_config("tiny", ["objective=lomdm_paper", "model.num_layers=2", "model.hidden_size=64",
+                               "model.num_attention_heads=2", "model.scheduler_head_size=16", "data.tokenizer=byte"])
+    denoiser = build_model(cfg, 257, dims)["denoiser"]
+    groups = denoiser.process_groups
+    assert groups is dims.groups
+    layers = [*denoiser.decoder.layers, *(layer for head in denoiser.scheduler_heads.values() for layer in head.layers)]
+    assert len(layers) == 4 and denoiser.decoder.pg_collection is groups
+    assert all(layer.pg_collection is groups for layer in layers)
+    assert denoiser.embedding.tp_group is groups.tp and denoiser.output_layer.tp_group is groups.tp
