@@ -94,7 +94,8 @@ def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
 
 # ------------------------------------------------------------------------------------------------------ report
 COLORS = {"mdlm": "tab:gray", "ar": "tab:orange", "mdm_ls": "tab:blue", "lomdm_paper": "tab:purple",
-          "lomdm": "tab:red"}
+          "lomdm": "tab:red", "mdm_ls order form": "tab:cyan", "lomdm_paper order form": "tab:pink",
+          "lomdm order form": "tab:brown"}  # the unbiased curves of learned schedules in their own colours
 
 
 def bits(nats: float) -> float:
@@ -286,7 +287,10 @@ def report(root: Path, out: Path, *, batches: int, time_samples: int, nfe: tuple
     result = {"runs": runs, "summary": summarise(runs), "scorer": str(ar[0]) if ar else None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
-    training_curves({f"{r['objective']} s{r['seed']}": r["curve"] for r in runs}, out / "heldout_bits.png",
+    curves = {f"{r['objective']} s{r['seed']}": r["curve"] for r in runs}
+    curves.update({f"{r['objective']} order form s{r['seed']}": r["curve_order_form"] for r in runs
+                   if r.get("curve_order_form")})
+    training_curves(curves, out / "heldout_bits.png",
                     title="Character level: held-out NELBO during training", ylabel="bits/byte (NELBO bound)",
                     xlabel="training bytes", colors=COLORS)
     orders = {f"{r['objective']} s{r['seed']}": np.asarray(r["order"]["exponents_per_sample"])
