@@ -19,7 +19,7 @@ from torch import nn
 
 from data_pipeline.datasets import embedded_corpus_shards, open_split, remote_cache_root, split_document_ids
 from data_pipeline.tokenizer import load_tokenizer
-from mdm_scale.config import RunConfig, check_layout
+from mdm_scale.config import LEARNED_KINDS, RunConfig, check_layout
 from mdm_scale.evaluation import evaluate_nelbo, order_form, truncation_biased
 from mdm_scale.metrics import MetricsLogger
 from mdm_scale.model import build_model
@@ -77,7 +77,7 @@ def build_training_engine(model: nn.Module, cfg: RunConfig, dims: ParallelDims):
         optimizer, lambda s: warmup_cosine(s, warmup=opt.warmup_steps, total=cfg.train.steps, min_ratio=opt.min_lr_ratio)
     )
     schedule_clip = None
-    if groups[1]["params"]:
+    if cfg.objective.schedule.kind in LEARNED_KINDS:  # on every pipeline stage: its norms are collective
         schedule_clip = ScheduleClip(model, groups[1]["params"], opt.grad_clip, opt.schedule_grad_clip,
                                      shared=not opt.schedule_grad_clip)
     return build_engine(model, optimizer, lr_schedule, zero_stage=cfg.parallel.zero_stage, grad_clip=opt.grad_clip,

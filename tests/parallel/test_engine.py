@@ -178,3 +178,22 @@ def test_zero_stage_one_trains_in_a_lone_process(dims, tmp_path, monkeypatch):
                                "data.micro_batch_size=4", "parallel.zero_stage=1"])
     result = train(cfg)
     assert sorted(result.losses) == [1, 2] and all(v == v for v in result.losses.values())
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2"],
+                                    ["parallel.pipeline_parallel=2", "parallel.zero_stage=1",
+                                     "model.num_layers=4", "model.tie_embeddings=false"]], ids=["tp2", "pp2_zero1"])
+def test_learned_schedule_clip_and_norms_on_model_parallel_layouts(tmp_path, layout):
+    """LoMDM with an active shared clip on TP = 2 (DeepSpeed's ZeRO 0 clip, shards counted once over the model-
+    parallel group) and PP = 2 with ZeRO 1 (megatron's schedule runs the backward, DeepSpeed's partitions clip):
+    the same losses, global norm and schedule norm as one process (parallel/clipping.py)."""
+    common = [*STEPS, "objective=lomdm", "optimizer.grad_clip=0.05", "data.micro_batch_size=4",
+              *[o for o in layout if o.startswith("model.")]]
+    single = run_ranks(1, workers.train_run, [*common, f"run_dir={tmp_path / 'one'}"])[0]
+    ranks = run_ranks(2, workers.train_run, [*common, *layout, f"run_dir={tmp_path / 'two'}"])
+    assert max(single["grad_norms"].values()) > 0.05  # the clip is active, so the norms decide the update
+    for key in ("losses", "grad_norms", "schedule_norms"):
+        last = ranks[-1][key]  # the last pipeline stage holds the loss
+        assert single[key] and last.keys() == single[key].keys(), key
+        for step, value in single[key].items():
+            assert last[step] == pytest.approx(value, rel=1e-5), (key, step)
