@@ -6,23 +6,30 @@ spend different FLOPs per token.
 
 Compute-optimal frontier (`compute_optimal`): L_opt(C) = min_N L(N, C / f(N)), minimised numerically over log N.
 Compute multiplier (`compute_multiplier`): C_b(L) / C_a(L), where C_x(L) solves L_opt_x(C) = L; it exists only for
-L > E_x.
+L > E_x. A loss no compute reaches raises `UnreachableLoss`; every other ValueError (a frontier at the end of its
+searched range, a loss reached below the smallest C searched) is a failure of the search, never "unreachable".
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from mdm_scale.scaling.isoflop import power_law_fit
-from mdm_scale.scaling.parametric import ParametricFit, _resample, _theta, fit_parametric
+from mdm_scale.scaling.parametric import ParametricFit, _full_fit, _resample, _theta, fit_parametric
 from mdm_scale.scaling.points import Point
 
 FlopsPerToken = Callable[[float], float]
+
+
+class UnreachableLoss(ValueError):
+    """The loss is at or below the law's irreducible loss E, or the frontier is still above it at the largest C
+    searched: no compute (in range) reaches it. A ValueError, so callers that only refuse keep working; callers
+    that read it as an infinite compute catch this class alone."""
 
 
 def flops_per_token_from_points(points: Sequence[Point]) -> FlopsPerToken:
@@ -54,19 +61,24 @@ def compute_optimal(fit: ParametricFit, flops: float, flops_per_token: FlopsPerT
 
 def compute_for_loss(fit: ParametricFit, loss: float, flops_per_token: FlopsPerToken, *,
                      flops_range: tuple[float, float] = (1e6, 1e40)) -> float:
-    """The FLOPs at which the compute-optimal frontier reaches `loss` (brentq in log C); ValueError if the loss is
-    at or below E (no compute reaches it) or outside the frontier over `flops_range`."""
+    """The FLOPs at which the compute-optimal frontier reaches `loss` (brentq in log C). UnreachableLoss if the
+    loss is at or below E or the frontier is still above it at flops_range[1]; ValueError if the loss is reached
+    below flops_range[0] or compute_optimal fails (its minimum at an end of the searched N)."""
     if loss <= fit.E:
-        raise ValueError(f"loss {loss:.6g} is at or below the fit's irreducible loss E={fit.E:.6g}: "
-                         f"no amount of compute reaches it")
+        raise UnreachableLoss(f"loss {loss:.6g} is at or below the fit's irreducible loss E={fit.E:.6g}: "
+                              f"no amount of compute reaches it")
 
     def gap(log_c: float) -> float:
         return compute_optimal(fit, math.exp(log_c), flops_per_token)[2] - loss
 
     low, high = (math.log(c) for c in flops_range)
-    if gap(low) < 0 or gap(high) > 0:
-        raise ValueError(f"loss {loss:.6g} is reached outside C in [{flops_range[0]:.3g}, {flops_range[1]:.3g}] "
-                         f"(frontier from {gap(low) + loss:.6g} to {gap(high) + loss:.6g})")
+    gap_low, gap_high = gap(low), gap(high)
+    if gap_high > 0:
+        raise UnreachableLoss(f"loss {loss:.6g} is not reached by C={flops_range[1]:.3g} (frontier there "
+                              f"{gap_high + loss:.6g}, E={fit.E:.6g})")
+    if gap_low < 0:
+        raise ValueError(f"loss {loss:.6g} is reached below C={flops_range[0]:.3g} (frontier there "
+                         f"{gap_low + loss:.6g}): widen flops_range")
     return math.exp(brentq(gap, low, high, xtol=1e-12, rtol=1e-12))
 
 
@@ -78,12 +90,17 @@ def compute_multiplier(fit_a: ParametricFit, fit_b: ParametricFit, loss: float, 
     return compute_for_loss(fit_b, loss, flops_per_token_b or flops_per_token_a) / c_a
 
 
+MAX_ERROR_MESSAGES = 5  # a message names its C, so nearly every failed resample's differs
+
+
 @dataclass
 class MultiplierInterval:
-    """compute_multiplier on all runs and its bootstrap interval; unpacks as (estimate, low, high). A resample
-    where one fit cannot reach the loss counts as ratio 0 (a unreachable) or inf (b unreachable) in the interval
-    and in `unreachable`; failed: resamples left out because a refit did not converge or neither fit reaches the
-    loss."""
+    """compute_multiplier on all runs and its bootstrap interval; unpacks as (estimate, low, high). Every one of
+    the `samples` resamples lands in exactly one of: the interval's ratios (`unreachable` of them with one fit
+    unable to reach the loss, UnreachableLoss, counted as ratio 0 if a cannot, inf if b cannot), `failed` (a refit
+    did not converge), `both_unreachable` (neither fit reaches the loss: no ratio) and `errors` (compute_for_loss
+    failed otherwise, e.g. a frontier at the end of its searched range; the first distinct messages, at most
+    MAX_ERROR_MESSAGES, in `error_messages`). The last three are left out of the interval."""
 
     loss: float
     estimate: float
@@ -92,6 +109,9 @@ class MultiplierInterval:
     samples: int
     failed: int
     unreachable: int
+    both_unreachable: int = 0
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
 
     def __iter__(self):
         return iter((self.estimate, self.low, self.high))
@@ -99,35 +119,54 @@ class MultiplierInterval:
 
 def compute_multiplier_interval(points_a: Sequence[Point], points_b: Sequence[Point], loss: float,
                                 flops_per_token_a: FlopsPerToken, flops_per_token_b: FlopsPerToken | None = None, *,
-                                samples: int = 200, seed: int = 0, restarts: int = 4,
-                                percentiles: tuple[float, float] = (2.5, 97.5)) -> MultiplierInterval:
+                                samples: int = 200, seed: int = 0, restarts: int = 4, full_fit_restarts: int = 32,
+                                huber_delta: float = 1e-3, percentiles: tuple[float, float] = (2.5, 97.5),
+                                fit_a: ParametricFit | None = None, fit_b: ParametricFit | None = None
+                                ) -> MultiplierInterval:
     """The multiplier's uncertainty from both objectives' runs at once: each resample redraws a's runs and b's
     runs (each with replacement), refits both and takes the ratio. Interval ends are order statistics
-    (np.percentile lower / higher), so infinite ratios stay infinite rather than being interpolated."""
+    (np.percentile lower / higher), so infinite ratios stay infinite rather than being interpolated.
+
+    The estimate uses the full fits fit_parametric(points_x, restarts=full_fit_restarts, seed=seed,
+    huber_delta=huber_delta); `fit_a` / `fit_b` pass in that fit when the caller has it (computed once per
+    report), and the refits start from it. A loss the full fits cannot reach, or any other failure of the
+    estimate, raises (ValueError; UnreachableLoss for the former); the resamples' outcomes are counted
+    (MultiplierInterval)."""
     f_b = flops_per_token_b or flops_per_token_a
-    fit_a, fit_b = (fit_parametric(p, restarts=max(restarts, 32), seed=seed) for p in (points_a, points_b))
+    fit_a, fit_b = (_full_fit(p, given, full_fit_restarts, seed, huber_delta)
+                    for p, given in ((points_a, fit_a), (points_b, fit_b)))
     estimate = compute_multiplier(fit_a, fit_b, loss, flops_per_token_a, f_b)
     rng = np.random.default_rng(seed)
-    ratios, failed, unreachable = [], 0, 0
+    ratios, failed, unreachable, both_unreachable, errors, messages = [], 0, 0, 0, 0, []
     for _ in range(samples):
         refits = [fit_parametric(_resample(p, rng), restarts=restarts, seed=int(rng.integers(2 ** 31)),
-                                 starts=[_theta(full)]) for p, full in ((points_a, fit_a), (points_b, fit_b))]
+                                 huber_delta=huber_delta, starts=[_theta(full)])
+                  for p, full in ((points_a, fit_a), (points_b, fit_b))]
         if not all(r.converged for r in refits):
             failed += 1
             continue
         c = []
-        for refit, f in zip(refits, (flops_per_token_a, f_b)):
-            try:
-                c.append(compute_for_loss(refit, loss, f))
-            except ValueError:
-                c.append(math.inf)
+        try:
+            for refit, f in zip(refits, (flops_per_token_a, f_b)):
+                try:
+                    c.append(compute_for_loss(refit, loss, f))
+                except UnreachableLoss:
+                    c.append(math.inf)
+        except ValueError as e:  # not "unreachable": a failed search, kept out of the interval and reported
+            errors += 1
+            if len(messages) < MAX_ERROR_MESSAGES and str(e) not in messages:
+                messages.append(str(e))
+            continue
         if math.isinf(c[0]) and math.isinf(c[1]):
-            failed += 1
+            both_unreachable += 1
             continue
         unreachable += any(math.isinf(x) for x in c)
         ratios.append(c[1] / c[0])
     if not ratios:
-        raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier")
+        raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier: {failed} refits did not "
+                           f"converge, {both_unreachable} reached the loss with neither fit, {errors} failed "
+                           f"({'; '.join(messages[:3])})")
     low = float(np.percentile(ratios, percentiles[0], method="lower"))
     high = float(np.percentile(ratios, percentiles[1], method="higher"))
-    return MultiplierInterval(float(loss), estimate, low, high, samples, failed, unreachable)
+    return MultiplierInterval(float(loss), estimate, low, high, samples, failed, unreachable, both_unreachable,
+                              errors, messages)

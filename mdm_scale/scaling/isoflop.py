@@ -25,8 +25,10 @@ BUDGET_TOLERANCE = 0.05
 
 @dataclass
 class IsoflopMinimum:
-    """The parabola minimum of one budget, or why that budget gives none (`usable` False, `reason` set, the
-    optimum fields None: an unusable budget never yields a number)."""
+    """The parabola minimum of one budget, or why that budget gives none (`usable` False, `reason` set, and
+    n_opt, d_opt, l_opt None: an unusable budget never yields an optimum). `coefficients` is the fitted parabola
+    whenever there were 3 sizes or more, also when it is unusable for non-positive curvature or a minimum outside
+    the sizes run (plots draw it); it is None only with fewer than 3 sizes."""
 
     objective: str
     flops: float

@@ -83,10 +83,11 @@ def _arrays(points: Sequence[Point]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             np.log([p.loss for p in points]))
 
 
-def _single_threaded_openblas():
-    """BLAS on one thread while L-BFGS-B runs. Since scipy 1.15 L-BFGS-B calls LAPACK on 5 x 5-sized problems, and
-    a threaded OpenBLAS makes each call wait for its threads: 25 ms instead of 0.1 ms per step on a busy 2-core
-    machine (scipy issues 22438, 23191; botorch limits threads the same way)."""
+def _single_threaded_blas():
+    """Every BLAS library (threadpoolctl user_api="blas": OpenBLAS, MKL, BLIS) on one thread while L-BFGS-B runs.
+    Since scipy 1.15 L-BFGS-B calls LAPACK on 5 x 5-sized problems, and a threaded OpenBLAS makes each call wait
+    for its threads: 25 ms instead of 0.1 ms per step on a busy 2-core machine (scipy issues 22438, 23191; botorch
+    limits threads the same way)."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
@@ -103,10 +104,11 @@ def fit_parametric(points: Sequence[Point], *, restarts: int = 32, seed: int = 0
     L-BFGS-B works on a - alpha mean(log N) and b - beta mean(log D) in place of a and b: the same law, but the
     intercepts no longer move with the exponents, which takes about 3 times fewer steps.
     """
+    if len(points) < len(PARAMETERS):
+        raise ValueError(f"too few runs: {len(points)} for the {len(PARAMETERS)} parameters of L(N, D) = "
+                         f"E + A / N^alpha + B / D^beta; a parametric fit needs at least {len(PARAMETERS)}")
     if len(by_objective(points)) != 1:
         raise ValueError(f"fit one objective at a time, got {sorted(by_objective(points))}")
-    if len(points) < 5:
-        raise ValueError(f"{len(points)} runs for 5 parameters: a parametric fit needs at least 5")
     log_n, log_d, log_l = _arrays(points)
     rng = np.random.default_rng(seed)
     low, high = _GRID.min(0), _GRID.max(0)
@@ -123,7 +125,7 @@ def fit_parametric(points: Sequence[Point], *, restarts: int = 32, seed: int = 0
         return value * scale, grad * scale
 
     best = None
-    with _single_threaded_openblas():
+    with _single_threaded_blas():
         for theta0 in initial:
             result = minimize(objective, theta0 + theta0 @ shift, jac=True, method="L-BFGS-B",
                               bounds=[(None, None), (None, None), *_BOUNDS],
@@ -157,12 +159,26 @@ def _resample(points: Sequence[Point], rng: np.random.Generator) -> list[Point]:
     return [points[i] for i in rng.integers(0, len(points), len(points))]
 
 
+def _full_fit(points: Sequence[Point], given: ParametricFit | None, restarts: int, seed: int, huber_delta: float
+              ) -> ParametricFit:
+    """The fit on all runs that a bootstrap starts from: `given` when the caller already has it (it must be
+    fit_parametric(points, restarts=restarts, seed=seed, huber_delta=huber_delta); its number of runs is checked),
+    else that fit."""
+    if given is None:
+        return fit_parametric(points, restarts=restarts, seed=seed, huber_delta=huber_delta)
+    if given.num_points != len(points):
+        raise ValueError(f"the full fit passed in was fitted to {given.num_points} runs, not these {len(points)}")
+    return given
+
+
 def bootstrap_parametric(points: Sequence[Point], *, samples: int = 200, seed: int = 0, restarts: int = 4,
-                         percentiles: tuple[float, float] = (2.5, 97.5), huber_delta: float = 1e-3
-                         ) -> BootstrapResult:
+                         percentiles: tuple[float, float] = (2.5, 97.5), huber_delta: float = 1e-3,
+                         full_fit_restarts: int = 32, full_fit: ParametricFit | None = None) -> BootstrapResult:
     """How far the runs pin each parameter down: runs are resampled with replacement `samples` times and refitted
-    (from the full fit's optimum plus the best `restarts` initial points of the resample)."""
-    full = fit_parametric(points, restarts=max(restarts, 32), seed=seed, huber_delta=huber_delta)
+    (from the full fit's optimum plus the best `restarts` initial points of the resample). The full fit is
+    fit_parametric(points, restarts=full_fit_restarts, seed=seed, huber_delta=huber_delta), or `full_fit` when the
+    caller already computed exactly that."""
+    full = _full_fit(points, full_fit, full_fit_restarts, seed, huber_delta)
     rng = np.random.default_rng(seed)
     draws, failed = [], 0
     for _ in range(samples):

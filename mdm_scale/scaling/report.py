@@ -4,8 +4,11 @@ frontier.py do the mathematics; plots.py draws fit.png).
 
 The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
 the runs cover, not extrapolated beyond it. A part that cannot be computed (too few runs, too few usable budgets, a
-loss an objective's fit cannot reach) is reported with its reason, never as a number. fit.json is strict JSON
-(`to_json`): a non-finite number, such as an unbounded multiplier interval, is written as a string, not null.
+loss an objective's fit cannot reach, a frontier outside its searched range) is reported with its reason, never as
+a number: "plot_omitted" lists what fit.png leaves out, and a plot that fails altogether is reported as "plot":
+"unavailable: ..." with fit.json still written. Each objective's parametric fit on all its runs is computed once
+and shared by its bootstrap and the multipliers. fit.json is strict JSON (`to_json`): a non-finite number, such as
+an unbounded multiplier interval, is written as a string, not null.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point, by_objective
 
+FULL_FIT_RESTARTS = 32  # L-BFGS-B starts of each objective's fit on all its runs
+
 
 def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, reference: str = "mdlm",
                out: Path | None = None) -> dict:
@@ -38,12 +43,17 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
         except ValueError as e:
             entry["isoflop_scaling"] = {"unavailable": str(e)}
         try:
-            fits[objective] = fit_parametric(runs, seed=seed)
-            per_token[objective] = flops_per_token_from_points(runs)  # f(N) as the runs counted it
-            entry["parametric"] = fits[objective]
-            entry["bootstrap"] = bootstrap_parametric(runs, samples=samples, seed=seed)
-        except ValueError as e:
+            fit = fit_parametric(runs, restarts=FULL_FIT_RESTARTS, seed=seed)
+            f = flops_per_token_from_points(runs)  # f(N) as the runs counted it
+        except (ValueError, RuntimeError) as e:  # RuntimeError: no L-BFGS-B start ended finite
             entry["parametric"] = {"unavailable": str(e)}
+        else:
+            fits[objective], per_token[objective], entry["parametric"] = fit, f, fit
+            try:  # from this very fit: it is computed once per objective and shared with the multipliers
+                entry["bootstrap"] = bootstrap_parametric(runs, samples=samples, seed=seed,
+                                                          full_fit_restarts=FULL_FIT_RESTARTS, full_fit=fit)
+            except (ValueError, RuntimeError) as e:  # RuntimeError: no resample's refit converged
+                entry["bootstrap"] = {"unavailable": str(e)}
         report["objectives"][objective] = entry
     if reference in fits:
         loss = min(p.loss for p in groups[reference])
@@ -53,13 +63,18 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
             try:
                 report["multipliers"][f"{objective}/{reference}"] = compute_multiplier_interval(
                     groups[reference], groups[objective], loss, per_token[reference], per_token[objective],
-                    samples=samples, seed=seed)
-            except ValueError as e:
+                    samples=samples, seed=seed, full_fit_restarts=FULL_FIT_RESTARTS, fit_a=fits[reference],
+                    fit_b=fits[objective])
+            except (ValueError, RuntimeError) as e:  # RuntimeError: no resample gave a multiplier
                 report["multipliers"][f"{objective}/{reference}"] = {"loss": loss, "unavailable": str(e)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if fits:
-            report["plot"] = plot_fit(points, fits, out / "fit.png", flops_per_token=per_token)
+            try:
+                plot = plot_fit(points, fits, out / "fit.png", flops_per_token=per_token)
+                report["plot"], report["plot_omitted"] = plot.path, plot.omitted
+            except Exception as e:  # the figure is a view of the numbers: its failure must not cost fit.json
+                report["plot"] = f"unavailable: {type(e).__name__}: {e}"
         else:
             report["plot"] = "unavailable: no objective has a parametric fit"
     result = json.loads(to_json(report))

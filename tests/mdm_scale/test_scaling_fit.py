@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from mdm_scale.scaling import parametric
-from mdm_scale.scaling.frontier import (MultiplierInterval, compute_multiplier, compute_multiplier_interval,
-                                        compute_optimal)
+from mdm_scale.scaling import frontier, parametric
+from mdm_scale.scaling.frontier import (MultiplierInterval, UnreachableLoss, compute_for_loss, compute_multiplier,
+                                        compute_multiplier_interval, compute_optimal)
 from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, power_law_fit
 from mdm_scale.scaling.parametric import ParametricFit, bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
@@ -71,8 +71,19 @@ def test_parametric_fit_recovers_a_noise_free_law():
 def test_parametric_fit_refuses_mixed_objectives_and_too_few_runs():
     with pytest.raises(ValueError, match="one objective"):
         fit_parametric(synthetic_points(objective="mdlm") + synthetic_points(objective="ar"))
-    with pytest.raises(ValueError, match="at least 5"):
-        fit_parametric(synthetic_points()[:4])
+    for runs in ([], synthetic_points()[:4]):  # [] once said "fit one objective at a time, got []"
+        with pytest.raises(ValueError, match=f"too few runs: {len(runs)} for the 5 parameters.*at least 5"):
+            fit_parametric(runs)
+
+
+def test_a_full_fit_passed_in_gives_the_bootstrap_it_would_compute():
+    points = synthetic_points(seed=3)
+    own = bootstrap_parametric(points, samples=3, seed=0, restarts=1)
+    passed = bootstrap_parametric(points, samples=3, seed=0, restarts=1,
+                                  full_fit=fit_parametric(points, restarts=32, seed=0))
+    assert passed == own  # exact: the same full fit, the same resamples and refits
+    with pytest.raises(ValueError, match="fitted to 16 runs, not these 12"):
+        bootstrap_parametric(points[:12], samples=1, full_fit=own.fit)
 
 
 def test_bootstrap_interval_contains_the_true_law_and_excludes_a_wrong_one():
@@ -130,6 +141,67 @@ def test_compute_multiplier_refuses_a_loss_below_E():
         compute_multiplier(TRUE, TRUE, 1.65, six_n, six_n)
 
 
+def test_compute_for_loss_tells_an_unreachable_loss_from_a_failed_search():
+    with pytest.raises(UnreachableLoss, match=r"at or below .*E=1\.7"):
+        compute_for_loss(TRUE, 1.65, six_n)
+    with pytest.raises(UnreachableLoss, match=r"not reached by C=1e\+40"):  # above E, but only by 1e-9
+        compute_for_loss(TRUE, TRUE.E + 1e-9, six_n)
+    # f(N) constant: D = C / f does not fall as N grows, so the loss falls all the way to N = C, the searched end
+    with pytest.raises(ValueError, match="end of the searched range") as failure:
+        compute_for_loss(TRUE, 2.8, lambda n: 6e8)
+    assert not isinstance(failure.value, UnreachableLoss)
+
+
+@pytest.mark.parametrize("error", [ValueError, UnreachableLoss])
+def test_multiplier_interval_keeps_failed_searches_apart_from_unreachable_losses(monkeypatch, error):
+    """b's compute_for_loss fails in every other resample (after the estimate): a failed search (ValueError, e.g.
+    compute_optimal's minimum at the end of its range) is left out and counted in `errors` with its message; only
+    UnreachableLoss counts as an infinite ratio. Before the two were told apart, both gave ratio inf."""
+    law_b, _, k = CONSTRUCTIONS["tokens"]
+    points_a = synthetic_points(noise=0.003, seed=7)
+    points_b = synthetic_points(law_b, noise=0.003, seed=8, objective="ar")
+
+    def f_b(n):  # b's own f, so that b's calls can be told from a's
+        return six_n(n)
+
+    real, calls, raised = frontier.compute_for_loss, [], []
+    message = "compute-optimal N at C=1e+20 lies at the end of the searched range [1, 1e+20]: check flops_per_token"
+
+    def every_other_b_fails(fit, loss, f, **kwargs):
+        if f is f_b:
+            calls.append(fit)
+            if len(calls) % 2 == 0:  # call 1 is the estimate's
+                raised.append(fit)
+                raise error(message)
+        return real(fit, loss, f, **kwargs)
+
+    monkeypatch.setattr(frontier, "compute_for_loss", every_other_b_fails)
+    result = compute_multiplier_interval(points_a, points_b, 2.8, six_n, f_b, samples=12, seed=1, restarts=1)
+    assert len(raised) >= 4
+    if error is UnreachableLoss:
+        assert result.unreachable == len(raised) and result.high == math.inf
+        assert result.errors == 0 and result.error_messages == []
+    else:
+        assert result.unreachable == 0 and math.isfinite(result.high) and result.low <= k <= result.high
+        assert result.errors == len(raised) and result.error_messages == [message]
+    assert result.failed + result.both_unreachable <= 2
+
+
+def test_multiplier_interval_passes_its_fit_settings_to_every_fit(monkeypatch):
+    real, settings = frontier.fit_parametric, []
+
+    def spy(points, **kwargs):
+        settings.append((kwargs["restarts"], kwargs["huber_delta"]))
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(frontier, "fit_parametric", spy)  # the refits
+    monkeypatch.setattr(parametric, "fit_parametric", spy)  # the full fits (parametric._full_fit)
+    points_b = synthetic_points(CONSTRUCTIONS["tokens"][0], noise=0.003, seed=8, objective="ar")
+    compute_multiplier_interval(synthetic_points(noise=0.003, seed=7), points_b, 2.8, six_n, samples=2, seed=1,
+                                restarts=1, full_fit_restarts=3, huber_delta=0.01)
+    assert settings == [(3, 0.01)] * 2 + [(1, 0.01)] * 4  # two full fits, then two refits per resample
+
+
 def test_compute_multiplier_interval_contains_the_known_factor():
     law_b, _, k = CONSTRUCTIONS["tokens"]
     points_a = synthetic_points(noise=0.003, seed=7)
@@ -138,7 +210,7 @@ def test_compute_multiplier_interval_contains_the_known_factor():
     assert result.low <= k <= result.high and result.low < result.high
     assert result.estimate == pytest.approx(k, rel=0.25)
     assert not (result.low <= 1.0 <= result.high)  # negative control: "no difference" is excluded
-    assert result.failed + result.unreachable <= 4
+    assert result.failed + result.unreachable + result.both_unreachable + result.errors <= 4
     assert tuple(result) == (result.estimate, result.low, result.high)
 
 
@@ -186,6 +258,7 @@ def test_isoflop_budgets_without_a_minimum_are_refused_with_a_reason():
         (minimum,) = isoflop_minima(points)
         assert not minimum.usable and reason in minimum.reason
         assert minimum.n_opt is None and minimum.d_opt is None and minimum.l_opt is None
+        assert (minimum.coefficients is None) == (reason == "2 model size")  # the parabola is kept for the plot
     (extrapolated,) = isoflop_minima(edge, extrapolate=True)
     assert extrapolated.usable and extrapolated.n_opt == pytest.approx(1e6)
     with pytest.raises(ValueError, match="0 usable budget"):
@@ -213,6 +286,22 @@ def test_plot_fit_writes_a_png(tmp_path):
     sizes = np.geomspace(3e7, 3e9, 5)
     points = synthetic_points(sizes=sizes, noise=0.0) + synthetic_points(law_b, sizes=sizes, noise=0.0,
                                                                           objective="ar")
-    path = plot_fit(points, {"mdlm": TRUE, "ar": law_b}, tmp_path / "fit.png")
-    data = open(path, "rb").read()
+    plot = plot_fit(points, {"mdlm": TRUE, "ar": law_b}, tmp_path / "fit.png")
+    data = open(plot.path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert plot.omitted == []
+
+
+# N and D barely pay (exponents 0.05) and tokens pay less than parameters (B << A): below C ~ 1.3e21 (f = 6N) the
+# frontier's N_opt would pass N = C, the end of the searched range, so D_opt < 1/6 token. Losses 2.6 to 2.9 on the
+# synthetic grid, and a noise-free fit recovers the law.
+FLAT_IN_N = ParametricFit(E=1.7, A=2.5, B=0.2, alpha=0.05, beta=0.05)
+
+
+def test_plot_fit_leaves_out_a_frontier_it_cannot_compute_and_says_so(tmp_path):
+    plot = plot_fit(synthetic_points(noise=0.0), {"mdlm": FLAT_IN_N}, tmp_path / "fit.png", flops_per_token=six_n)
+    assert open(plot.path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    (line,) = plot.omitted
+    left_out = int(line.split(": ")[1].split(" of 40")[0])
+    assert line.startswith("mdlm parametric frontier") and "end of the searched range" in line
+    assert 0 < left_out < 40, line  # part of the line is drawn, the rest is named

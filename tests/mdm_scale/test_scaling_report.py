@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from mdm_scale.scaling import report as report_module
 from mdm_scale.scaling.report import fit_report
-from tests.mdm_scale.test_scaling_fit import CONSTRUCTIONS, synthetic_points
+from tests.mdm_scale.test_scaling_fit import CONSTRUCTIONS, FLAT_IN_N, synthetic_points
 
 
 def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
@@ -23,3 +24,26 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
         assert {"isoflop_minima", "isoflop_scaling", "parametric", "bootstrap"} <= set(entry)
     assert json.loads((tmp_path / "fit.json").read_text()) == report
     assert (tmp_path / "fit.png").stat().st_size > 10_000
+
+
+def test_report_names_what_its_plot_leaves_out(tmp_path):
+    """Runs from a law whose frontier leaves the searched N range below C ~ 1.3e21: the plot draws the rest, the
+    report says what is missing and why, and fit.json is written."""
+    points = synthetic_points(FLAT_IN_N, noise=0.0)
+    report = fit_report(points, samples=2, reference="mdlm", out=tmp_path)
+    assert report["objectives"]["mdlm"]["parametric"]["alpha"] == pytest.approx(FLAT_IN_N.alpha, rel=1e-3)
+    (line,) = report["plot_omitted"]
+    assert line.startswith("mdlm parametric frontier") and "end of the searched range" in line
+    assert report["plot"] == str(tmp_path / "fit.png") and json.loads((tmp_path / "fit.json").read_text()) == report
+
+
+def test_report_is_written_when_the_plot_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(report_module, "plot_fit", broken)
+    points = synthetic_points(noise=0.003, seed=7)
+    report = fit_report(points, samples=2, reference="mdlm", out=tmp_path)
+    assert report["plot"] == "unavailable: RuntimeError: no display" and "plot_omitted" not in report
+    assert json.loads((tmp_path / "fit.json").read_text()) == report
+    assert report["objectives"]["mdlm"]["parametric"]["converged"] is True
