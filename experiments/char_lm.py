@@ -3,6 +3,7 @@
     scripts/in_venv.sh python experiments/char_lm.py prepare                  # shards -> data/char_lm (~1 min)
     OMP_NUM_THREADS=1 nohup scripts/in_venv.sh python launchers/local.py config=char_lm objective=mdlm \\
         train.seed=0 run_dir=runs/char_lm/mdlm-s0 > runs/char_lm/mdlm-s0.log 2>&1 &    # one run; rerun = resume
+    scripts/in_venv.sh python experiments/char_lm.py progress runs/char_lm    # curves so far, a markdown table
     scripts/in_venv.sh python experiments/char_lm.py report runs/char_lm --out docs/results/char_lm
 
 `prepare` writes the offline corpus as bytes, one document per whole work (a Wikipedia article, a book of the
@@ -236,6 +237,32 @@ def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe:
     return out
 
 
+def progress_table(root: Path) -> str:
+    """The training-time curves of every run under `root` as a markdown table (bits/byte by step; "a / b" = time
+    form / unbiased order form where a learned schedule logs both), for docs/results.md between sessions. Reads
+    only the runs' logs: nothing is evaluated, so it is safe while the runs train."""
+    from mdm_scale.config import load_config
+    from parallel.checkpoint import list_checkpoints
+
+    rows, steps = [], set()
+    for run_dir in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
+        cfg = load_config(run_dir / "config.yaml")
+        per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.data.grad_accumulation
+        time_form = dict(learning_curve(run_dir, per_step))
+        order_form = dict(learning_curve(run_dir, per_step, "eval/nelbo_order_form"))
+        cells = {tokens // per_step: f"{v:.3f}" + (f" / {order_form[tokens]:.3f}" if tokens in order_form else "")
+                 for tokens, v in time_form.items()}
+        done = list_checkpoints(run_dir / "checkpoints")
+        at = int(done[-1].name.split("_")[1]) if done else 0
+        state = "complete" if at >= cfg.train.steps else f"checkpoint at step {at}"
+        rows.append((f"{run_dir.name} ({state})", cells))
+        steps |= set(cells)
+    columns = sorted(steps)
+    lines = ["| run | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cells.get(c, "-") for c in columns) + " |" for name, cells in rows]
+    return "\n".join(lines)
+
+
 def summarise(runs: list[dict]) -> dict:
     """Per objective: mean +- std over seeds of the held-out bits/byte, its mean stderr, the learning-speed ratio
     against MDLM's final value, generation bits/byte per NFE."""
@@ -309,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     que = sub.add_parser("queue", help="train objective:seed items one after another (resumable)")
     que.add_argument("specs", nargs="+", metavar="OBJECTIVE:SEED")
     que.add_argument("--root", default="runs/char_lm")
+    prog = sub.add_parser("progress", help="the runs' training-time curves as a markdown table (reads logs only)")
+    prog.add_argument("root", nargs="?", default="runs/char_lm")
     rep = sub.add_parser("report", help="evaluate every run under a root and write report.json and plots")
     rep.add_argument("root", help="a folder of run directories named <objective>-s<seed>")
     rep.add_argument("--out", default="docs/results/char_lm")
@@ -325,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(= {summary['heldout_unigram_bits_per_byte'] * math.log(2):.4f} nats)")
     elif args.command == "queue":
         return 1 if queue(args.specs, Path(args.root)) else 0
+    elif args.command == "progress":
+        print(progress_table(Path(args.root)))
     else:
         import torch
 

@@ -65,4 +65,10 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert [v for _, v in lomdm["curve_order_form"]] != [v for _, v in lomdm["curve"]]
     assert all("curve_order_form" not in r for r in result["runs"] if r["objective"] != "lomdm_paper")
     assert "fraction_of_mdlm_tokens_to_reach_its_final_order_form" in summary["lomdm_paper"]
+    table = char_lm.progress_table(runs).splitlines()  # the between-sessions table, from the logs alone
+    assert table[0] == "| run | 0 | 2 | 4 |" and len(table) == 5
+    row = next(line for line in table if line.startswith("| lomdm_paper-s0 (complete) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert [c.count(" / ") for c in cells] == [1, 1, 1]  # time form / order form at every evaluation
+    assert f"{lomdm['curve_order_form'][-1][1]:.3f}" in cells[-1]
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
