@@ -2,7 +2,8 @@
 
 N, D and C are recomputed from the run's own config.yaml and its newest checkpoint's step with the planner's
 formula (mdm_scale/flops.py), so a run that stopped early counts the tokens it trained on, not the ones planned.
-The loss is the held-out NELBO (nats per token) the run logged at that step; a run without one is refused by name.
+The loss is the held-out NELBO (nats per token) the run logged at that step, the unbiased order form for a learned
+schedule trained with the time form (mdm_scale.evaluation.truncation_biased); a run without it is refused by name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from mdm_scale.config import load_config
+from mdm_scale.evaluation import truncation_biased
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
 from mdm_scale.scaling.points import Point
 from parallel.checkpoint import list_checkpoints
@@ -39,14 +41,17 @@ def point_of(run_dir: Path) -> Point:
     if not checkpoints:
         raise RunReadError(f"{run_dir}: no checkpoint yet")
     step = int(checkpoints[-1].name.split("_")[1])
+    # A learned schedule under the time form logs an optimistic NELBO (t_min^w of each position's loss dropped)
+    # and the unbiased order form beside it: the law is fitted to the unbiased one.
+    key = "eval/nelbo_order_form" if truncation_biased(cfg.objective) else "eval/nelbo"
     evals = {}
     if (run_dir / "metrics.jsonl").exists():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
-            if "eval/nelbo" in row:
-                evals[row["step"]] = row["eval/nelbo"]
+            if key in row:
+                evals[row["step"]] = row[key]
     if step not in evals:
-        raise RunReadError(f"{run_dir}: no held-out NELBO logged at its checkpoint step {step}")
+        raise RunReadError(f"{run_dir}: no held-out NELBO ({key}) logged at its checkpoint step {step}")
     if not (evals[step] > 0 and evals[step] < float("inf")):
         raise RunReadError(f"{run_dir}: held-out NELBO {evals[step]} at step {step} (diverged?)")
     vocab = load_tokenizer(cfg.data.tokenizer).vocab_size

@@ -65,6 +65,12 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert [v for _, v in lomdm["curve_order_form"]] != [v for _, v in lomdm["curve"]]
     assert all("curve_order_form" not in r for r in result["runs"] if r["objective"] != "lomdm_paper")
     assert "fraction_of_mdlm_tokens_to_reach_its_final_order_form" in summary["lomdm_paper"]
+    # a scaling point of a learned-schedule run takes the unbiased order form, a fixed schedule's its own NELBO
+    from mdm_scale.scaling.collect import point_of
+
+    assert point_of(runs / "lomdm_paper-s0").loss == pytest.approx(lomdm["curve_order_form"][-1][1] * math.log(2))
+    mdlm = next(r for r in result["runs"] if r["objective"] == "mdlm")
+    assert point_of(runs / "mdlm-s0").loss == pytest.approx(mdlm["curve"][-1][1] * math.log(2))
     table = char_lm.progress_table(runs).splitlines()  # the between-sessions table, from the logs alone
     assert table[0] == "| run | 0 | 2 | 4 |" and len(table) == 5
     row = next(line for line in table if line.startswith("| lomdm_paper-s0 (complete) |"))
