@@ -31,6 +31,7 @@ from data_pipeline.preprocess import preprocess  # noqa: E402
 
 HELDOUT_EVERY = 20
 SEQ_LEN = 256
+EVAL_KEYS = ("eval/nelbo", "eval/nelbo_order_form")  # time form; the unbiased order form of a learned schedule
 
 
 def documents() -> list[str]:
@@ -112,10 +113,20 @@ def learning_curve(run_dir: Path, tokens_per_step: int, key: str = "eval/nelbo")
     """[(tokens, held-out bits/byte)] from the training evaluations (a fixed held-out sample and noise seed).
     key "eval/nelbo_order_form": the unbiased order form that learned schedules also log (mdm_scale.evaluation
     .truncation_biased), from the step it was first logged on."""
+    return [(step * tokens_per_step, row[key]) for step, row in sorted(held_out_evals(run_dir).items()) if key in row]
+
+
+def held_out_evals(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: {key: bits/byte}} of the training evaluations in the run's log (the last one logged per step, so a
+    step evaluated again after a resume counts once); one read of metrics.jsonl serves every key."""
     from mdm_scale.metrics import read_metrics
 
-    last = {int(row["step"]): float(row[key]) for row in read_metrics(run_dir) if key in row}
-    return [(step * tokens_per_step, bits(v)) for step, v in sorted(last.items())]
+    evals: dict[int, dict[str, float]] = {}
+    for row in read_metrics(run_dir):
+        for key in EVAL_KEYS:
+            if key in row:
+                evals.setdefault(int(row["step"]), {})[key] = bits(float(row[key]))
+    return evals
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -197,14 +208,14 @@ def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe:
     from mdm_scale.evaluation import evaluate_checkpoint, exact_ar_nll, truncation_biased
     from mdm_scale.model import load_for_inference
     from mdm_scale.sampling import generate, generation_nll, token_entropy
-    from parallel.checkpoint import list_checkpoints
+    from parallel.checkpoint import checkpoint_step, list_checkpoints
 
     checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
     cfg = load_config(run_dir / "config.yaml")
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.data.grad_accumulation
     out = {"run_dir": str(run_dir), "objective": objective_of(run_dir), "seed": cfg.train.seed,
-           "checkpoint": str(checkpoint), "step": int(checkpoint.name.split("_")[1]),
-           "complete": int(checkpoint.name.split("_")[1]) >= cfg.train.steps,
+           "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
+           "complete": checkpoint_step(checkpoint) >= cfg.train.steps,
            "curve": learning_curve(run_dir, tokens_per_step)}
     ev = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples, exact_ar=False)
     out.update(nelbo=ev["nelbo"], nelbo_stderr=ev["nelbo_stderr"], bits_per_byte=bits(ev["nelbo"]),
@@ -241,20 +252,16 @@ def progress_table(root: Path) -> str:
     """The training-time curves of every run under `root` as a markdown table (bits/byte by step; "a / b" = time
     form / unbiased order form where a learned schedule logs both), for docs/results.md between sessions. Reads
     only the runs' logs: nothing is evaluated, so it is safe while the runs train."""
-    from mdm_scale.config import load_config
-    from parallel.checkpoint import list_checkpoints
+    from mdm_scale.run_queue import is_complete
+    from parallel.checkpoint import checkpoint_step, list_checkpoints
 
     rows, steps = [], set()
     for run_dir in sorted(p for p in root.iterdir() if (p / "config.yaml").exists()):
-        cfg = load_config(run_dir / "config.yaml")
-        per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.data.grad_accumulation
-        time_form = dict(learning_curve(run_dir, per_step))
-        order_form = dict(learning_curve(run_dir, per_step, "eval/nelbo_order_form"))
-        cells = {tokens // per_step: f"{v:.3f}" + (f" / {order_form[tokens]:.3f}" if tokens in order_form else "")
-                 for tokens, v in time_form.items()}
+        cells = {step: " / ".join(f"{row[k]:.3f}" for k in EVAL_KEYS if k in row)
+                 for step, row in held_out_evals(run_dir).items() if "eval/nelbo" in row}
         done = list_checkpoints(run_dir / "checkpoints")
-        at = int(done[-1].name.split("_")[1]) if done else 0
-        state = "complete" if at >= cfg.train.steps else f"checkpoint at step {at}"
+        state = ("complete" if is_complete(run_dir)
+                 else f"checkpoint at step {checkpoint_step(done[-1]) if done else 0}")
         rows.append((f"{run_dir.name} ({state})", cells))
         steps |= set(cells)
     columns = sorted(steps)

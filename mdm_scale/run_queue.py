@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def is_complete(run_dir: Path) -> bool:
     """The run's newest valid checkpoint has reached its configured train.steps."""
     from mdm_scale.config import load_config
-    from parallel.checkpoint import list_checkpoints
+    from parallel.checkpoint import checkpoint_step, list_checkpoints
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         return False
     done = list_checkpoints(run_dir / "checkpoints")
-    return bool(done) and int(done[-1].name.split("_")[1]) >= load_config(run_dir / "config.yaml").train.steps
+    return bool(done) and checkpoint_step(done[-1]) >= load_config(run_dir / "config.yaml").train.steps
 
 
 def run_in_order(runs: list[tuple[Path, list[str], Path]], *, threads: int = 1, poll_s: float = 60.0,

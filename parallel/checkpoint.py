@@ -224,7 +224,7 @@ def save_checkpoint(
     if error := _agree_errors(error):
         _failed(step, tmp, error)
     if _rank() == 0:
-        older = [p for p in list_checkpoints(root) if _step_of(p) < step]
+        older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
         for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
             try:
                 _remove(old)
@@ -273,8 +273,9 @@ def _failed(step: int, tmp: Path, error: str):
                                f"earlier checkpoints are intact")
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The training step a checkpoint directory (`step_<NNNNNNNN>`) holds."""
+    return int(Path(path).name.split("_")[1])
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -283,7 +284,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     if not root.exists():
         return []
     dirs = [p for p in root.glob("step_*") if (p / MANIFEST).exists()]
-    return sorted(dirs, key=_step_of)
+    return sorted(dirs, key=checkpoint_step)
 
 
 def damaged_checkpoints(root: str | os.PathLike) -> list[Path]:

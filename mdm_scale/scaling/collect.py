@@ -15,7 +15,7 @@ from mdm_scale.config import load_config
 from mdm_scale.evaluation import truncation_biased
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
 from mdm_scale.scaling.points import Point
-from parallel.checkpoint import list_checkpoints
+from parallel.checkpoint import checkpoint_step, list_checkpoints
 
 
 class RunReadError(ValueError):
@@ -40,7 +40,7 @@ def point_of(run_dir: Path) -> Point:
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if not checkpoints:
         raise RunReadError(f"{run_dir}: no checkpoint yet")
-    step = int(checkpoints[-1].name.split("_")[1])
+    step = checkpoint_step(checkpoints[-1])
     # A learned schedule under the time form logs an optimistic NELBO (t_min^w of each position's loss dropped)
     # and the unbiased order form beside it: the law is fitted to the unbiased one.
     key = "eval/nelbo_order_form" if truncation_biased(cfg.objective) else "eval/nelbo"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.checkpoint import (CheckpointWriteError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 verify_checkpoint)
+from parallel.checkpoint import (CheckpointWriteError, checkpoint_step, latest_checkpoint, list_checkpoints,
+                                 load_checkpoint, verify_checkpoint)
 from tests.parallel import fault_workers
 from tests.parallel.fault_workers import TINY, final_model, kill, launch, run_to_end
 from tests.spawn import run_ranks
@@ -47,7 +47,7 @@ def _assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def _complete_steps(ckpt_dir: Path) -> int:
-    steps = [int(p.name.split("_")[1]) for p in list_checkpoints(ckpt_dir)]
+    steps = [checkpoint_step(p) for p in list_checkpoints(ckpt_dir)]
     return max(steps, default=0)
 
 
