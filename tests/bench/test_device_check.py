@@ -130,7 +130,7 @@ def test_a_killed_run_leaves_valid_lines(tmp_path, signum):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
     try:
         log = out / device_check.LOG
-        wait_for(lambda: log.exists() and "--child kernels" in log.read_text(), 120, "the kernels step")
+        wait_for(lambda: log.exists() and "device_probes kernels" in log.read_text(), 120, "the kernels step")
         time.sleep(1.0)
         if signum == signal.SIGKILL:  # as a caller's hard limit does: the whole process group
             os.killpg(proc.pid, signal.SIGKILL)
