@@ -198,10 +198,10 @@ def confidence_agreement(checkpoint: Path, x, t: float = 0.5, seed: int = 0) -> 
     return {"t": t, "spearman_velocity_vs_confidence": float(np.mean(rho)), "sequences": len(rho)}
 
 
-def evaluate_run(run_dir: Path, *, batches: int, time_samples: int, scorer, nfe: tuple[int, ...],
+def evaluate_run(run_dir: Path, *, batches: int | None, time_samples: int, scorer, nfe: tuple[int, ...],
                  num_samples: int, exact_windows: int) -> dict:
-    """Held-out NELBO (first `batches` batches, `time_samples` antithetic times each, with its standard error),
-    exact NLL for AR, generation NLL under the AR scorer at each NFE, and the learned order."""
+    """Held-out NELBO (the first `batches` batches, None = the whole split; `time_samples` antithetic times each;
+    with its standard error), exact NLL for AR, generation NLL under the AR scorer at each NFE, the learned order."""
     import torch
 
     from mdm_scale.config import load_config
@@ -315,7 +315,44 @@ def summarise(runs: list[dict]) -> dict:
     return table
 
 
-def report(root: Path, out: Path, *, batches: int, time_samples: int, nfe: tuple[int, ...], num_samples: int,
+def _numbers(values, fmt: str = "{:.3f}") -> str:
+    return " / ".join("-" if v is None else fmt.format(v) for v in values)
+
+
+def markdown_tables(result: dict) -> str:
+    """The report as the markdown tables docs/results.md holds: the comparison per objective, then the learned order
+    per run. Every number is read from `result` (report.json), none is recomputed."""
+    summary = result["summary"]
+    nfe = sorted({n for row in summary.values() for n in row.get("generation_bits_per_byte", {})}, key=int)
+    lines = ["| objective | seeds | held-out bits/byte (mean +- seed std) | stderr | own estimator | minus MDLM "
+             "| MDLM's final reached at (fraction of its bytes) | " + " | ".join(f"generation NFE {n}" for n in nfe)
+             + " |", "|---|---|---|---|---|---|---|" + "---|" * len(nfe)]
+    for objective, row in summary.items():
+        spread = "" if row["std"] is None else f" +- {row['std']:.3f}"
+        reach = _numbers(row.get("fraction_of_mdlm_tokens_to_reach_its_final", []), "{:.2f}")
+        if "fraction_of_mdlm_tokens_to_reach_its_final_order_form" in row:
+            reach += " (order form: " + _numbers(row["fraction_of_mdlm_tokens_to_reach_its_final_order_form"],
+                                                 "{:.2f}") + ")"
+        own = _numbers(row["own_estimator_bits_per_byte"]) if row["estimator"] != "own" else "same"
+        minus = "-" if row.get("minus_mdlm") is None else f"{row['minus_mdlm']:+.3f}"
+        generation = [f"{row['generation_bits_per_byte'][n]:.3f}" if n in row.get("generation_bits_per_byte", {})
+                      else "-" for n in nfe]
+        lines.append(f"| {objective}{'' if row['complete'] else ' (incomplete)'} | {len(row['seeds'])} "
+                     f"| {row['mean']:.3f}{spread} ({row['estimator']}) | {row['stderr']:.3f} | {own} | {minus} "
+                     f"| {reach or '-'} | " + " | ".join(generation) + " |")
+    orders = [r for r in result["runs"] if r.get("order")]
+    if orders:
+        lines += ["", "| run | Spearman(mean reveal time, position) | reveal-time spread "
+                      "| Spearman(backward velocity, denoiser confidence) at t = 0.5 |", "|---|---|---|---|"]
+        for r in orders:
+            confidence = r.get("confidence") or {}
+            rho = confidence.get("spearman_velocity_vs_confidence")
+            lines.append(f"| {r['objective']} s{r['seed']} | {r['order']['spearman_reveal_time_vs_position']:+.3f} "
+                         f"| {r['order']['reveal_time_spread']:.3f} | {'-' if rho is None else f'{rho:+.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe: tuple[int, ...], num_samples: int,
            exact_windows: int) -> dict:
     from mdm_scale.plots import reveal_time_by_position, training_curves
     from mdm_scale.sampling import load_scorer
@@ -330,6 +367,7 @@ def report(root: Path, out: Path, *, batches: int, time_samples: int, nfe: tuple
     result = {"runs": runs, "summary": summarise(runs), "scorer": str(ar[0]) if ar else None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
+    (out / "tables.md").write_text(markdown_tables(result))
     curves = {f"{r['objective']} s{r['seed']}": r["curve"] for r in runs}
     curves.update({f"{r['objective']} order form s{r['seed']}": r["curve_order_form"] for r in runs
                    if r.get("curve_order_form")})
@@ -357,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="evaluate every run under a root and write report.json and plots")
     rep.add_argument("root", help="a folder of run directories named <objective>-s<seed>")
     rep.add_argument("--out", default="docs/results/char_lm")
-    rep.add_argument("--batches", type=int, default=64, help="held-out batches (of 16 windows) evaluated")
-    rep.add_argument("--time-samples", type=int, default=4)
+    rep.add_argument("--batches", type=int, default=None,
+                     help="held-out batches (of 16 windows) evaluated, from the split's start (default: all)")
+    rep.add_argument("--time-samples", type=int, default=2, help="antithetic times per batch")
     rep.add_argument("--nfe", type=int, nargs="*", default=[64, 256])
     rep.add_argument("--num-samples", type=int, default=8, help="generated sequences per NFE, scored by AR")
     rep.add_argument("--exact-windows", type=int, default=32, help="held-out windows for AR's exact NLL")
@@ -378,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         result = report(Path(args.root), Path(args.out), batches=args.batches, time_samples=args.time_samples,
                         nfe=tuple(args.nfe), num_samples=args.num_samples, exact_windows=args.exact_windows)
-        print(json.dumps(result["summary"], indent=1))
+        print(markdown_tables(result))
     return 0
 
 

@@ -85,3 +85,9 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert [c.count(" / ") for c in cells] == [1, 1, 1]  # time form / order form at every evaluation
     assert f"{lomdm['curve_order_form'][-1][1]:.3f}" in cells[-1]
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
+    tables = (tmp_path / "out" / "tables.md").read_text().splitlines()  # the markdown docs/results.md holds
+    row = next(line for line in tables if line.startswith("| lomdm_paper |"))
+    assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
+    assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
+    order_row = next(line for line in tables if line.startswith("| lomdm_paper s0 |"))
+    assert f"{lomdm['confidence']['spearman_velocity_vs_confidence']:+.3f} |" in order_row
