@@ -352,19 +352,64 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate_runs(run_dirs: list[Path], cache: Path, *, settings: dict, scorer: str | None, jobs: int = 1,
+                  poll_s: float = 2.0) -> list[dict]:
+    """evaluate_run for each run in its own one-thread process (`char_lm.py evaluate`), `jobs` at a time, each
+    result written to cache/<run>.json. A report stopped midway (a session's end) resumes, and a run whose newest
+    checkpoint, settings and scorer are those of its cached result is not evaluated again."""
+    import os
+    import subprocess
+    import time
+
+    from parallel.checkpoint import list_checkpoints
+
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(run_dir: Path) -> dict | None:
+        path = cache / f"{run_dir.name}.json"
+        result = json.loads(path.read_text()) if path.exists() else None
+        newest = str(list_checkpoints(run_dir / "checkpoints")[-1])
+        fresh = result and (result["checkpoint"], result["settings"], result["scorer"]) == (newest, settings, scorer)
+        return result if fresh else None
+
+    pending, running = [d for d in run_dirs if cached(d) is None], []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < jobs:
+            run_dir = pending.pop(0)
+            command = [sys.executable, str(Path(__file__).resolve()), "evaluate", str(run_dir),
+                       "--json", str(cache / f"{run_dir.name}.json"), "--settings", json.dumps(settings)]
+            log = open(cache / f"{run_dir.name}.log", "w")
+            running.append((run_dir, log, subprocess.Popen(command + (["--scorer", scorer] if scorer else []),
+                                                           stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(poll_s)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            run_dir, log, proc = item
+            log.close()
+            if proc.returncode != 0:
+                for _, other_log, other in running:
+                    other.kill()
+                    other_log.close()
+                raise RuntimeError(f"evaluating {run_dir} failed with exit code {proc.returncode}: see {log.name}")
+    return [json.loads((cache / f"{d.name}.json").read_text()) for d in run_dirs]
+
+
 def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe: tuple[int, ...], num_samples: int,
-           exact_windows: int) -> dict:
+           exact_windows: int, jobs: int = 1) -> dict:
+    """Every run under `root` evaluated (evaluate_runs: resumable, `jobs` at once) and summarised into
+    out/report.json, out/tables.md and the plots; the newest AR run's checkpoint scores generated text."""
     from mdm_scale.plots import reveal_time_by_position, training_curves
-    from mdm_scale.sampling import load_scorer
     from parallel.checkpoint import list_checkpoints
 
     run_dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists() and
                       list_checkpoints(p / "checkpoints"))
     ar = [p for p in run_dirs if objective_of(p) == "ar"]
-    scorer = load_scorer(list_checkpoints(ar[0] / "checkpoints")[-1]) if ar else None
-    runs = [evaluate_run(p, batches=batches, time_samples=time_samples, scorer=scorer, nfe=nfe,
-                         num_samples=num_samples, exact_windows=exact_windows) for p in run_dirs]
-    result = {"runs": runs, "summary": summarise(runs), "scorer": str(ar[0]) if ar else None}
+    scorer = str(list_checkpoints(ar[0] / "checkpoints")[-1]) if ar else None
+    settings = {"batches": batches, "time_samples": time_samples, "nfe": list(nfe), "num_samples": num_samples,
+                "exact_windows": exact_windows}
+    runs = evaluate_runs(run_dirs, out / "runs", settings=settings, scorer=scorer, jobs=jobs)
+    result = {"runs": runs, "summary": summarise(runs), "scorer": scorer}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
     (out / "tables.md").write_text(markdown_tables(result))
@@ -401,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--nfe", type=int, nargs="*", default=[64, 256])
     rep.add_argument("--num-samples", type=int, default=8, help="generated sequences per NFE, scored by AR")
     rep.add_argument("--exact-windows", type=int, default=32, help="held-out windows for AR's exact NLL")
+    rep.add_argument("--jobs", type=int, default=2, help="runs evaluated at once, one thread each")
+    one = sub.add_parser("evaluate", help="one run's part of the report (what `report` runs in a subprocess)")
+    one.add_argument("run_dir")
+    one.add_argument("--json", required=True, help="where its result goes")
+    one.add_argument("--settings", required=True, help="evaluate_run's settings as JSON")
+    one.add_argument("--scorer", default=None, help="the AR checkpoint that scores generated text")
     args = p.parse_args(argv)
     if args.command == "prepare":
         summary = prepare(Path(args.out))
@@ -411,12 +462,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if queue(args.specs, Path(args.root)) else 0
     elif args.command == "progress":
         print(progress_table(Path(args.root)))
-    else:
+    elif args.command == "evaluate":
         import torch
 
+        from mdm_scale.sampling import load_scorer
+
         torch.set_num_threads(1)
+        settings = json.loads(args.settings)
+        result = evaluate_run(Path(args.run_dir), scorer=load_scorer(args.scorer) if args.scorer else None,
+                              **{**settings, "nfe": tuple(settings["nfe"])})
+        path = Path(args.json)
+        path.with_suffix(".tmp").write_text(json.dumps({**result, "settings": settings, "scorer": args.scorer},
+                                                       indent=1))
+        path.with_suffix(".tmp").replace(path)  # a result is whole or absent
+    else:
         result = report(Path(args.root), Path(args.out), batches=args.batches, time_samples=args.time_samples,
-                        nfe=tuple(args.nfe), num_samples=args.num_samples, exact_windows=args.exact_windows)
+                        nfe=tuple(args.nfe), num_samples=args.num_samples, exact_windows=args.exact_windows,
+                        jobs=args.jobs)
         print(markdown_tables(result))
     return 0
 

@@ -3,6 +3,7 @@ over real (tiny) runs of every kind it summarises."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     runs = tmp_path / "runs"
     for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
-    result = char_lm.report(runs, tmp_path / "out", batches=1, time_samples=1, nfe=(4,), num_samples=2,
-                            exact_windows=2)
+    settings = dict(batches=1, time_samples=1, nfe=(4,), num_samples=2, exact_windows=2)
+    result = char_lm.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
     summary = result["summary"]
     assert set(summary) == {"mdlm", "ar", "lomdm_paper"}
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
@@ -85,6 +86,11 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert [c.count(" / ") for c in cells] == [1, 1, 1]  # time form / order form at every evaluation
     assert f"{lomdm['curve_order_form'][-1][1]:.3f}" in cells[-1]
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
+    # a second report reuses every cached run result (same checkpoints and settings): nothing is evaluated again
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
+    again = char_lm.report(runs, tmp_path / "out", **settings)["summary"]
+    assert len(cached) == 3 and json.dumps(again) == json.dumps(summary)  # (json: a 1-batch stderr is NaN)
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached
     tables = (tmp_path / "out" / "tables.md").read_text().splitlines()  # the markdown docs/results.md holds
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
