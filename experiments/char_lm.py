@@ -129,6 +129,23 @@ def held_out_evals(run_dir: Path) -> dict[int, dict[str, float]]:
     return evals
 
 
+def gradient_norms(run_dir: Path, warmup_steps: int) -> dict:
+    """The largest logged gradient norms (before clipping; global and the learned schedule's part; logged every
+    logging.log_every steps), over the whole run and after the warm-up: the stability evidence of issue 26. A run
+    that completes had no non-finite step (train.nonfinite=stop ends a run at the first)."""
+    from mdm_scale.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "train/grad_norm" in r]
+    out = {"logged_steps": len(rows)}
+    for key in ("train/grad_norm", "train/grad_norm_schedule"):
+        values = [(int(r["step"]), float(r[key])) for r in rows if key in r]
+        if values:
+            name = key.split("/")[1]
+            out[f"max_{name}"] = max(v for _, v in values)
+            out[f"max_{name}_after_warmup"] = max((v for step, v in values if step > warmup_steps), default=None)
+    return out
+
+
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
     """Tokens at which the curve first reaches `target` (linear between evaluations); None if it never does."""
     for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
@@ -216,7 +233,8 @@ def evaluate_run(run_dir: Path, *, batches: int | None, time_samples: int, score
     out = {"run_dir": str(run_dir), "objective": objective_of(run_dir), "seed": cfg.train.seed,
            "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
            "complete": checkpoint_step(checkpoint) >= cfg.train.steps,
-           "curve": learning_curve(run_dir, tokens_per_step)}
+           "curve": learning_curve(run_dir, tokens_per_step),
+           "gradient_norms": gradient_norms(run_dir, cfg.optimizer.warmup_steps)}
     ev = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples, exact_ar=False)
     out.update(nelbo=ev["nelbo"], nelbo_stderr=ev["nelbo_stderr"], bits_per_byte=bits(ev["nelbo"]),
                bits_stderr=bits(ev["nelbo_stderr"]), eval_batches=ev["batches"], time_samples=time_samples)
@@ -349,6 +367,13 @@ def markdown_tables(result: dict) -> str:
             rho = confidence.get("spearman_velocity_vs_confidence")
             lines.append(f"| {r['objective']} s{r['seed']} | {r['order']['spearman_reveal_time_vs_position']:+.3f} "
                          f"| {r['order']['reveal_time_spread']:.3f} | {'-' if rho is None else f'{rho:+.3f}'} |")
+    lines += ["", "| run | step | largest logged gradient norm after warm-up (global) | its learned-schedule part |",
+              "|---|---|---|---|"]
+    for r in result["runs"]:
+        norms = r["gradient_norms"]
+        after = [norms.get(f"max_{k}_after_warmup") for k in ("grad_norm", "grad_norm_schedule")]
+        lines.append(f"| {r['objective']} s{r['seed']} | {r['step']}{'' if r['complete'] else ' (incomplete)'} | "
+                     + " | ".join("-" if v is None else f"{v:.2f}" for v in after) + " |")
     return "\n".join(lines) + "\n"
 
 

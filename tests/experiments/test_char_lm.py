@@ -46,8 +46,8 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     preprocess([docs], data, tokenizer="byte", seq_len=32, heldout_every=2, overwrite=True)
     fast = ["data.tokenizer=byte", f"data.path={data}", "data.seq_len=32", "data.micro_batch_size=8",
             "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.scheduler_head_size=16",
-            "logging.wandb=false", "logging.progress=false", "train.eval_batches=1", "train.eval_every=2",
-            "sampling.num_samples=0", "train.steps=4", "optimizer.warmup_steps=1"]
+            "logging.wandb=false", "logging.log_every=1", "logging.progress=false", "train.eval_batches=1",
+            "train.eval_every=2", "sampling.num_samples=0", "train.steps=4", "optimizer.warmup_steps=1"]
     runs = tmp_path / "runs"
     for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
@@ -95,5 +95,8 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
     assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
+    norms = lomdm["gradient_norms"]  # stability: the logged gradient norms, the schedule's part for LoMDM only
+    assert norms["logged_steps"] == 4 and norms["max_grad_norm"] >= norms["max_grad_norm_schedule"] > 0
+    assert "max_grad_norm_schedule" not in mdlm["gradient_norms"] and mdlm["gradient_norms"]["max_grad_norm"] > 0
     order_row = next(line for line in tables if line.startswith("| lomdm_paper s0 |"))
     assert f"{lomdm['confidence']['spearman_velocity_vs_confidence']:+.3f} |" in order_row
