@@ -254,7 +254,9 @@ def evaluate_run(run_dir: Path, *, batches: int | None, time_samples: int, score
         out["exact_bits_per_byte"] = bits(nll.sum().item() / x[:exact_windows].numel())
     if scorer is not None:
         out["generation"] = {}
-        for steps in nfe:
+        # AR reveals one position per call: with fewer calls than positions it would reveal several at once, each
+        # blind to the others, which is not autoregressive generation. It is scored at NFE >= L only.
+        for steps in (n for n in nfe if out["objective"] != "ar" or n >= cfg.data.seq_len):
             sample = generate(model["denoiser"], model["schedule"], num_samples=num_samples, seq_len=cfg.data.seq_len,
                               nfe=steps, generator=torch.Generator().manual_seed(0), policy="ancestral")
             score = generation_nll(sample.tokens, scorer, tokenizer)

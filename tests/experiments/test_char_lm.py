@@ -51,13 +51,17 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     runs = tmp_path / "runs"
     for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
-    settings = dict(batches=1, time_samples=1, nfe=(4,), num_samples=2, exact_windows=2)
+    settings = dict(batches=1, time_samples=1, nfe=(4, 32), num_samples=2, exact_windows=2)
     result = char_lm.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
     summary = result["summary"]
     assert set(summary) == {"mdlm", "ar", "lomdm_paper"}
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
     assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
-    assert all(math.isfinite(row["generation_bits_per_byte"]["4"]) for row in summary.values())
+    assert all(math.isfinite(v) for row in summary.values() for v in row["generation_bits_per_byte"].values())
+    # AR generates one position per call: scored at NFE >= L (32) only, the others at every NFE
+    assert set(summary["ar"]["generation_bits_per_byte"]) == {"32"}
+    assert set(summary["mdlm"]["generation_bits_per_byte"]) == set(summary["lomdm_paper"]["generation_bits_per_byte"])
+    assert set(summary["mdlm"]["generation_bits_per_byte"]) == {"4", "32"}
     lomdm_run = next(r for r in result["runs"] if r["objective"] == "lomdm_paper")
     # the headline compares unbiased numbers: the learned schedule's order form, not its (optimistic) time form
     assert summary["lomdm_paper"]["estimator"] == "order form (t_min = 0)" and summary["mdlm"]["estimator"] == "own"
