@@ -12,40 +12,18 @@ import hashlib
 import io
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from parallel.files import fsync_dir
+from parallel.files import atomic_write
 
 _FORMAT = 1
 
 
 class CacheCorruptionWarning(UserWarning):
     """An existing cache entry was unreadable or failed its checksum and will be rebuilt."""
-
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see either the old file or the complete new one.
-
-    Args:
-        path: destination file; its folder must exist.
-        data: the full contents.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -73,11 +51,11 @@ def save_arrays(cache_dir: Path, key: str, arrays: dict[str, np.ndarray], meta: 
     for name, array in arrays.items():
         data = _npy_bytes(np.ascontiguousarray(array))
         file_name = f"{key}.{name}.npy"
-        atomic_write_bytes(cache_dir / file_name, data)
+        atomic_write(cache_dir / file_name, data)
         files[name] = {"file": file_name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest = {"format": _FORMAT, "key": key, "files": files, "meta": meta or {}}
     # The manifest goes last: its presence marks the entry complete.
-    atomic_write_bytes(_manifest_path(cache_dir, key), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write(_manifest_path(cache_dir, key), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def load_arrays(cache_dir: Path, key: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -493,15 +493,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from mdm_scale.sampling import load_scorer
+        from parallel.files import atomic_write
 
         torch.set_num_threads(1)
         settings = json.loads(args.settings)
         result = evaluate_run(Path(args.run_dir), scorer=load_scorer(args.scorer) if args.scorer else None,
                               **{**settings, "nfe": tuple(settings["nfe"])})
-        path = Path(args.json)
-        path.with_suffix(".tmp").write_text(json.dumps({**result, "settings": settings, "scorer": args.scorer},
-                                                       indent=1))
-        path.with_suffix(".tmp").replace(path)  # a result is whole or absent
+        atomic_write(args.json, json.dumps({**result, "settings": settings, "scorer": args.scorer}, indent=1))
     else:
         result = report(Path(args.root), Path(args.out), batches=args.batches, time_samples=args.time_samples,
                         nfe=tuple(args.nfe), num_samples=args.num_samples, exact_windows=args.exact_windows,

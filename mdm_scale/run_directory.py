@@ -28,6 +28,7 @@ from typing import Any
 from mdm_scale.config import ConfigError, RunConfig, load_config, to_yaml
 from parallel.checkpoint import damaged_checkpoints, list_checkpoints
 from parallel.distributed import agree_on_error
+from parallel.files import atomic_write
 from parallel.run_lock import RunLock, RunLockError
 
 CONFIG_FILE = "config.yaml"
@@ -87,9 +88,7 @@ def check_run_directory(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
             raise RunDirError(f"{run_dir} holds checkpoints but no {CONFIG_FILE}: cannot tell which run they belong "
                               f"to; use a new run_dir, or restore {path}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(path)
+        atomic_write(path, to_yaml(cfg))
         return {}
     try:
         recorded = load_config(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from data_pipeline.shard_check import ShardError
 from mdm_scale.config import ConfigError, RunConfig, load_config, to_yaml
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
+from parallel.files import atomic_write
 
 HEAD_DIM = 64
 
@@ -134,10 +135,10 @@ def write_grid(points: list[GridPoint], base: str, out: Path, overrides: list[st
         cfg: RunConfig = load_config(base, [*overrides, *point.overrides(warmup), f"run_dir={out / point.name}",
                                             f"name={point.name}"])
         path = out / "configs" / f"{point.name}.yaml"
-        path.write_text(to_yaml(cfg))
+        atomic_write(path, to_yaml(cfg))  # a plan rerun beside running points: never a half-written config
         paths.append(path)
     plan = [{**asdict(p), "flops": p.flops, "name": p.name, "config": str(path)} for p, path in zip(points, paths)]
-    (out / "plan.json").write_text(json.dumps({"base": base, "overrides": list(overrides), "points": plan}, indent=1))
+    atomic_write(out / "plan.json", json.dumps({"base": base, "overrides": list(overrides), "points": plan}, indent=1))
     return paths
 
 
