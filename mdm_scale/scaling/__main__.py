@@ -46,14 +46,15 @@ def _plan(args: argparse.Namespace) -> int:
             slurm_args += ["--job-name", f"scaling-{Path(args.out).name}"]
         return launcher.main([*slurm_args, *(["--dry-run"] if args.dry_run else []), "--configs", *map(str, paths)])
     if args.local:
-        from mdm_scale.run_queue import run_in_order
+        from mdm_scale.run_queue import SharedQueue, run_in_order
 
-        runs = [(Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"), f"config={path}"],
-                 Path(args.out) / f"{p.name}.log") for p, path in zip(points, paths)]
-        queues = [runs[k::args.workers] for k in range(args.workers)]  # grid order: each queue gets every budget
+        runs = SharedQueue((Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"),
+                                                      f"config={path}"], Path(args.out) / f"{p.name}.log")
+                           for p, path in zip(points, paths))  # grid order; a free worker takes the next point
         with ThreadPoolExecutor(args.workers) as pool:
-            failed = sum(pool.map(lambda q: run_in_order(q, threads=args.threads,
-                                                         report=lambda s: print(s, flush=True)), queues))
+            failed = sum(pool.map(lambda _: run_in_order(runs, threads=args.threads,
+                                                         report=lambda s: print(s, flush=True)),
+                                  range(args.workers)))
         return 1 if failed else 0
     return 0
 

@@ -97,6 +97,36 @@ def test_local_workers_run_the_points_side_by_side(tmp_path, capsys):
         assert out.count(f"{name}: complete") == 1 and (tmp_path / name / "checkpoints").is_dir()
 
 
+def test_a_queue_passes_over_a_run_another_process_holds_and_takes_it_over_when_freed(tmp_path):
+    """Queues in separate processes drain one grid: a run whose lock another owner holds is passed over (never
+    launched), the next one trains, and the held run is trained once its lock is released unfinished."""
+    import sys
+    import threading
+    import time
+
+    from mdm_scale.run_queue import ROOT, is_complete, run_in_order
+    from parallel.run_lock import RunLock
+
+    assert main(["plan", "--config", "tiny", "--objectives", "mdlm", "--budgets", "3e9", "4e9", "--depths", "1",
+                 "--min-steps", "2", "--out", str(tmp_path), "data.tokenizer=byte", "logging.wandb=false",
+                 "sampling.num_samples=0", "train.eval_batches=1"]) == 0
+    points = json.loads((tmp_path / "plan.json").read_text())["points"]
+    runs = [(tmp_path / p["name"], [sys.executable, str(ROOT / "launchers" / "local.py"), f"config={p['config']}"],
+             tmp_path / f"{p['name']}.log") for p in points]
+    (held_dir, _, held_log), (free_dir, _, _) = runs
+    lines, failed = [], []
+    with RunLock(held_dir):  # "another process" trains the first point
+        queue = threading.Thread(target=lambda: failed.append(run_in_order(runs, poll_s=0.2, report=lines.append)))
+        queue.start()
+        deadline = time.monotonic() + 300
+        while not is_complete(free_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert is_complete(free_dir) and not held_log.exists()  # the free point trained, the held one never ran
+    queue.join(timeout=300)  # the lock is gone with the run unfinished: the queue takes it over
+    assert not queue.is_alive() and failed == [0] and is_complete(held_dir)
+    assert lines == [f"{free_dir.name}: complete", f"{held_dir.name}: complete"]
+
+
 def test_points_that_would_repeat_the_training_split_too_often_are_dropped():
     """--max-epochs: D over one epoch of the training split (its manifest's windows x seq_len); a point beyond the
     limit is dropped with its reason, the others keep their epochs."""
