@@ -155,15 +155,18 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
 
 
 def heldout_windows(cfg, count: int):
-    """The first `count` held-out windows [count, L] (the evaluation order, unshuffled)."""
+    """`count` held-out windows [count, L] evenly spaced over the whole split (its start is one document)."""
     import torch
 
     from data_pipeline.datasets import open_split
     from data_pipeline.tokenizer import load_tokenizer
 
     split = open_split(Path(cfg.data.path), "heldout", load_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
-                       batch_size=count, seed=0, shuffle=False)
-    return torch.as_tensor(split.batch_at(0, 0).numpy().astype("int64"))
+                       batch_size=1, seed=0, shuffle=False)
+    if count > split.num_samples:
+        raise ValueError(f"{count} held-out windows asked for, the split has {split.num_samples}")
+    index = np.linspace(0, split.num_samples - 1, count).round().astype(np.int64)
+    return torch.as_tensor(np.asarray(split.source.get(index)).astype(np.int64))
 
 
 def order_summary(cfg, checkpoint: Path, x) -> dict | None:

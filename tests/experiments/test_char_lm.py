@@ -51,6 +51,15 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     runs = tmp_path / "runs"
     for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
+    # the report's sample windows are spread over the whole held-out split (its start is one document)
+    from data_pipeline.datasets import open_split
+    from data_pipeline.tokenizer import load_tokenizer
+
+    split = open_split(data, "heldout", load_tokenizer("byte"), seq_len=32, batch_size=1, seed=0, shuffle=False)
+    n = split.num_samples
+    spread = char_lm.heldout_windows(load_config(runs / "mdlm-s0" / "config.yaml"), 5)
+    ends = np.asarray(split.source.get(np.array([0, n - 1])))  # the split's first and last windows
+    assert n > 100 and spread.shape == (5, 32) and np.array_equal(spread[[0, -1]].numpy(), ends)
     settings = dict(batches=1, time_samples=1, nfe=(4, 32), num_samples=2, exact_windows=2)
     result = char_lm.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
     summary = result["summary"]
