@@ -1,19 +1,19 @@
 """Finished runs as scaling points: (objective, N, D, C, held-out NELBO) read from each run directory.
 
-N, D and C are recomputed from the run's own config.yaml and its newest checkpoint's step with the planner's
-formula (mdm_scale/flops.py), so a run that stopped early counts the tokens it trained on, not the ones planned.
-The loss is the held-out NELBO (nats per token) the run logged at that step, the unbiased order form for a learned
+N, D and C are recomputed from the run's own config.yaml and its final checkpoint's step with the planner's
+formula (mdm_scale/flops.py). A run still short of its train.steps is refused: its learning rate has not annealed,
+so its loss is not the one its tokens buy (Chinchilla fits each point at the end of its own schedule). The loss is the held-out NELBO (nats per token) the run logged at that step, the unbiased order form for a learned
 schedule trained with the time form (mdm_scale.evaluation.truncation_biased); a run without it is refused by name.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mdm_scale.config import load_config
 from mdm_scale.evaluation import truncation_biased
 from mdm_scale.flops import non_embedding_params, training_flops_per_token
+from mdm_scale.metrics import read_metrics
 from mdm_scale.scaling.points import Point
 from parallel.checkpoint import checkpoint_step, list_checkpoints
 
@@ -41,15 +41,12 @@ def point_of(run_dir: Path) -> Point:
     if not checkpoints:
         raise RunReadError(f"{run_dir}: no checkpoint yet")
     step = checkpoint_step(checkpoints[-1])
+    if step < cfg.train.steps:  # its learning rate has not annealed: the loss would be too high for its tokens
+        raise RunReadError(f"{run_dir}: still training (checkpoint at step {step} of {cfg.train.steps})")
     # A learned schedule under the time form logs an optimistic NELBO (t_min^w of each position's loss dropped)
     # and the unbiased order form beside it: the law is fitted to the unbiased one.
     key = "eval/nelbo_order_form" if truncation_biased(cfg.objective) else "eval/nelbo"
-    evals = {}
-    if (run_dir / "metrics.jsonl").exists():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if key in row:
-                evals[row["step"]] = row[key]
+    evals = {row["step"]: row[key] for row in read_metrics(run_dir) if key in row}
     if step not in evals:
         raise RunReadError(f"{run_dir}: no held-out NELBO ({key}) logged at its checkpoint step {step}")
     if not (evals[step] > 0 and evals[step] < float("inf")):

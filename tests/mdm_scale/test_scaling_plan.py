@@ -57,11 +57,23 @@ def test_slurm_dry_run_renders_one_array_element_per_grid_point(tmp_path, capsys
 
 
 def test_local_queue_runs_the_grid_and_a_rerun_skips_finished_runs(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from mdm_scale.run_queue import ROOT
+    from mdm_scale.scaling.collect import RunReadError, point_of
+
     args = ["plan", "--config", "tiny", "--objectives", "mdlm", "--budgets", "3e9", "--depths", "1",
             "--min-steps", "2", "--out", str(tmp_path), "--local", "data.tokenizer=byte", "logging.wandb=false",
             "sampling.num_samples=0", "train.eval_batches=1"]
-    assert main(args) == 0
+    assert main([a for a in args if a != "--local"]) == 0  # the configs only
     (point,) = json.loads((tmp_path / "plan.json").read_text())["points"]
+    # a point stopped short of its steps (a time limit, a session's end) is no scaling point yet...
+    subprocess.run([sys.executable, str(ROOT / "launchers" / "local.py"), f"config={point['config']}",
+                    "train.stop_at=2"], check=True, capture_output=True, cwd=ROOT)
+    with pytest.raises(RunReadError, match="still training"):
+        point_of(tmp_path / point["name"])
+    assert main(args) == 0  # ...and the queue resumes it to the end
     log = tmp_path / f"{point['name']}.log"
     assert point["steps"] == 3 and (tmp_path / point["name"] / "checkpoints").is_dir()
     size = log.stat().st_size
@@ -71,8 +83,6 @@ def test_local_queue_runs_the_grid_and_a_rerun_skips_finished_runs(tmp_path, cap
 
     # `fit` reads the finished run back as the planned point (its own tokens and FLOPs), and says why one run
     # cannot give a law instead of printing one
-    from mdm_scale.scaling.collect import point_of
-
     read = point_of(tmp_path / point["name"])
     assert (read.objective, read.tokens) == ("mdlm", point["tokens"]) and read.flops == pytest.approx(point["flops"])
     assert main(["fit", str(tmp_path / point["name"]), str(tmp_path / "configs"), "--out", str(tmp_path / "fit"),
