@@ -12,8 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The issue's required runs first (3 seeds of mdlm and lomdm_paper, one of the others), then seeds 1 and 2 of the
-# others; balanced at ~1.9-2.9k tokens/s per run (CPU runs flush subnormals since the fifth session).
-QUEUE_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 ar:1 mdm_ls:1 lomdm:1 lomdm:2"
+# others; balanced at ~1.9-2.9k tokens/s per run (CPU runs flush subnormals since the fifth session). A run listed
+# in both queues is trained by whichever reaches it first (the other passes over it while it is held).
+QUEUE_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 mdlm:2 lomdm:0 ar:1 mdm_ls:1 lomdm:1 lomdm:2"
 QUEUE_B="ar:0 lomdm_paper:1 mdlm:1 mdm_ls:0 lomdm:0 mdlm:2 ar:2 mdm_ls:2"
 SCALING="scripts/in_venv.sh python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper \
 --budgets 1e13 3e13 1e14 --depths 1 2 3 4 5 --out runs/scaling_char --local data.micro_batch_size=8"
