@@ -13,7 +13,6 @@ import argparse
 import json
 import shlex
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mdm_scale.config import ConfigError
@@ -46,15 +45,11 @@ def _plan(args: argparse.Namespace) -> int:
             slurm_args += ["--job-name", f"scaling-{Path(args.out).name}"]
         return launcher.main([*slurm_args, *(["--dry-run"] if args.dry_run else []), "--configs", *map(str, paths)])
     if args.local:
-        from mdm_scale.run_queue import SharedQueue, run_in_order
+        from mdm_scale.run_queue import run_in_order
 
-        runs = SharedQueue((Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"),
-                                                      f"config={path}"], Path(args.out) / f"{p.name}.log")
-                           for p, path in zip(points, paths))  # grid order; a free worker takes the next point
-        with ThreadPoolExecutor(args.workers) as pool:
-            failed = sum(pool.map(lambda _: run_in_order(runs, threads=args.threads,
-                                                         report=lambda s: print(s, flush=True)),
-                                  range(args.workers)))
+        runs = [(Path(args.out) / p.name, [sys.executable, str(ROOT / "launchers" / "local.py"), f"config={path}"],
+                 Path(args.out) / f"{p.name}.log") for p, path in zip(points, paths)]  # a free worker takes the next
+        failed = run_in_order(runs, threads=args.threads, jobs=args.workers, report=lambda s: print(s, flush=True))
         return 1 if failed else 0
     return 0
 

@@ -18,6 +18,11 @@ def char_lm(load_experiment):
     return load_experiment("char_lm")
 
 
+@pytest.fixture(scope="module")
+def report(load_experiment):
+    return load_experiment("char_lm_report")
+
+
 def test_unigram_cross_entropy_is_log2_v_for_uniform_data_and_lower_for_skewed(char_lm):
     uniform = np.tile(np.arange(257), 40)
     assert char_lm.unigram_cross_entropy_bits(uniform, uniform) == pytest.approx(math.log2(257), abs=1e-12)
@@ -25,14 +30,14 @@ def test_unigram_cross_entropy_is_log2_v_for_uniform_data_and_lower_for_skewed(c
     assert char_lm.unigram_cross_entropy_bits(skewed, skewed) < 1.0
 
 
-def test_tokens_to_reach_interpolates_between_evaluations(char_lm):
+def test_tokens_to_reach_interpolates_between_evaluations(report):
     curve = [(0, 5.0), (100, 4.0), (200, 3.0)]
-    assert char_lm.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
-    assert char_lm.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
-    assert char_lm.tokens_to_reach(curve, 2.0) is None
+    assert report.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
+    assert report.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
+    assert report.tokens_to_reach(curve, 2.0) is None
 
 
-def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
+def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     from data_pipeline.preprocess import preprocess
     from mdm_scale.config import load_config
     from mdm_scale.train import train
@@ -57,11 +62,11 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
 
     split = open_split(data, "heldout", load_tokenizer("byte"), seq_len=32, batch_size=1, seed=0, shuffle=False)
     n = split.num_samples
-    spread = char_lm.heldout_windows(load_config(runs / "mdlm-s0" / "config.yaml"), 5)
+    spread = report.heldout_windows(load_config(runs / "mdlm-s0" / "config.yaml"), 5)
     ends = np.asarray(split.source.get(np.array([0, n - 1])))  # the split's first and last windows
     assert n > 100 and spread.shape == (5, 32) and np.array_equal(spread[[0, -1]].numpy(), ends)
     settings = dict(batches=1, time_samples=1, nfe=(4, 32), num_samples=2, exact_windows=2)
-    result = char_lm.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
+    result = report.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
     summary = result["summary"]
     assert set(summary) == {"mdlm", "ar", "lomdm_paper"}
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
@@ -92,7 +97,7 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert point_of(runs / "lomdm_paper-s0").loss == pytest.approx(lomdm["curve_order_form"][-1][1] * math.log(2))
     mdlm = next(r for r in result["runs"] if r["objective"] == "mdlm")
     assert point_of(runs / "mdlm-s0").loss == pytest.approx(mdlm["curve"][-1][1] * math.log(2))
-    table = char_lm.progress_table(runs).splitlines()  # the between-sessions table, from the logs alone
+    table = report.progress_table(runs).splitlines()  # the between-sessions table, from the logs alone
     assert table[0] == "| run | 0 | 2 | 4 |" and len(table) == 5
     row = next(line for line in table if line.startswith("| lomdm_paper-s0 (complete) |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
@@ -101,7 +106,7 @@ def test_report_covers_fixed_and_learned_orders(dims, char_lm, tmp_path):
     assert (tmp_path / "out" / "heldout_bits.png").exists() and (tmp_path / "out" / "learned_order.png").exists()
     # a second report reuses every cached run result (same checkpoints and settings): nothing is evaluated again
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").glob("*.json")}
-    again = char_lm.report(runs, tmp_path / "out", **settings)["summary"]
+    again = report.report(runs, tmp_path / "out", **settings)["summary"]
     assert len(cached) == 3 and json.dumps(again) == json.dumps(summary)  # (json: a 1-batch stderr is NaN)
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
     tables = (tmp_path / "out" / "tables.md").read_text().splitlines()  # the markdown docs/results.md holds
