@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="held-out batches (of 16 windows) evaluated, from the split's start (default: all)")
     rep.add_argument("--time-samples", type=int, default=2, help="antithetic times per batch")
     rep.add_argument("--nfe", type=int, nargs="*", default=[64, 256])
-    rep.add_argument("--num-samples", type=int, default=8, help="generated sequences per NFE, scored by AR")
+    rep.add_argument("--num-samples", type=int, default=32, help="generated sequences per NFE, scored by AR")
     rep.add_argument("--exact-windows", type=int, default=32, help="held-out windows for AR's exact NLL")
     rep.add_argument("--jobs", type=int, default=2, help="runs evaluated at once, one thread each")
     one = sub.add_parser("evaluate", help="one run's part of the report (what `report` runs in a subprocess)")

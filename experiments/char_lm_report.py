@@ -190,6 +190,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path, *, batches: int | None, time_s
                               nfe=steps, generator=torch.Generator().manual_seed(0), policy="ancestral")
             score = generation_nll(sample.tokens, scorer, tokenizer)
             out["generation"][str(steps)] = {"bits_per_byte": bits(score["nll"]),
+                                             "bits_stderr": bits(score["nll_stderr"]),
                                              "token_entropy": token_entropy(sample.tokens),
                                              "text": tokenizer.decode(sample.tokens[0].tolist())[:200]}
     out["order"] = order_summary(cfg, checkpoint, x[:16])
@@ -256,9 +257,12 @@ def summarise(runs: list[dict]) -> dict:
         row["estimator"] = "order form (t_min = 0)" if any("order_form_bits_per_byte" in r for r in rs) else "own"
         if any("exact_bits_per_byte" in r for r in rs):
             row["exact_bits_per_byte"] = [r.get("exact_bits_per_byte") for r in rs]
-        if rs[0].get("generation"):
+        if rs[0].get("generation"):  # mean over seeds, and its standard error from each seed's sample stderr
             row["generation_bits_per_byte"] = {n: float(np.mean([r["generation"][n]["bits_per_byte"] for r in rs]))
                                                for n in rs[0]["generation"]}
+            row["generation_bits_stderr"] = {
+                n: float(np.sqrt(sum(r["generation"][n]["bits_stderr"] ** 2 for r in rs)) / len(rs))
+                for n in rs[0]["generation"]}
         table[objective] = row
     return table
 
@@ -273,7 +277,7 @@ def markdown_tables(result: dict) -> str:
     summary = result["summary"]
     nfe = sorted({n for row in summary.values() for n in row.get("generation_bits_per_byte", {})}, key=int)
     lines = ["| objective | seeds | held-out bits/byte (mean +- seed std) | stderr | own estimator | minus MDLM "
-             "| MDLM's final reached at (fraction of its bytes) | " + " | ".join(f"generation NFE {n}" for n in nfe)
+             "| MDLM's final reached at (fraction of its bytes) | " + " | ".join(f"generation NFE {n} (AR's bits/byte +- se)" for n in nfe)
              + " |", "|---|---|---|---|---|---|---|" + "---|" * len(nfe)]
     for objective, row in summary.items():
         spread = "" if row["std"] is None else f" +- {row['std']:.3f}"
@@ -283,8 +287,8 @@ def markdown_tables(result: dict) -> str:
                                                  "{:.2f}") + ")"
         own = _numbers(row["own_estimator_bits_per_byte"]) if row["estimator"] != "own" else "same"
         minus = "-" if row.get("minus_mdlm") is None else f"{row['minus_mdlm']:+.3f}"
-        generation = [f"{row['generation_bits_per_byte'][n]:.3f}" if n in row.get("generation_bits_per_byte", {})
-                      else "-" for n in nfe]
+        generation = [f"{row['generation_bits_per_byte'][n]:.3f} +- {row['generation_bits_stderr'][n]:.3f}"
+                      if n in row.get("generation_bits_per_byte", {}) else "-" for n in nfe]
         lines.append(f"| {objective}{'' if row['complete'] else ' (incomplete)'} | {len(row['seeds'])} "
                      f"| {row['mean']:.3f}{spread} ({row['estimator']}) | {row['stderr']:.3f} | {own} | {minus} "
                      f"| {reach or '-'} | " + " | ".join(generation) + " |")

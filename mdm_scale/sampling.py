@@ -340,8 +340,9 @@ def load_scorer(checkpoint: str | Path) -> ArScorer:
 
 @torch.no_grad()
 def generation_nll(tokens: Tensor, scorer: ArScorer, tokenizer=None) -> dict[str, float]:
-    """Mean NLL per token (nats) of [b, l] generated ids under the AR scorer (exact causal likelihood, one batched
-    pass of l copies per sequence) and its perplexity exp(NLL). `tokenizer`: the generator's, checked against the
+    """Mean NLL per token (nats) of [b, l] generated ids under the AR scorer (exact causal likelihood; one pass for
+    a causal scorer, l copies per sequence otherwise), its standard error over the b sequences (each sequence one
+    draw; None for b = 1) and the perplexity exp(NLL). `tokenizer`: the generator's, checked against the
     scorer's."""
     if tokenizer is not None and tokenizer.fingerprint() != scorer.tokenizer.fingerprint():
         raise ValueError(f"the scorer {scorer.checkpoint} uses another tokenizer than the sampled model")
@@ -352,7 +353,9 @@ def generation_nll(tokens: Tensor, scorer: ArScorer, tokenizer=None) -> dict[str
         raise ValueError("token ids outside the scorer's vocabulary (mask tokens left?)")
     per_sequence = exact_ar_nll(scorer.denoiser, scorer.schedule, tokens.to(scorer.device))  # [b] nats/sequence
     nll = per_sequence.sum().item() / tokens.numel()
-    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": tokens.numel()}
+    per_token = per_sequence / tokens.shape[1]
+    stderr = (per_token.std() / math.sqrt(len(per_token))).item() if len(per_token) > 1 else None
+    return {"nll": nll, "nll_stderr": stderr, "ppl": math.exp(min(nll, 700.0)), "tokens": tokens.numel()}
 
 
 def token_entropy(tokens: Tensor) -> float:

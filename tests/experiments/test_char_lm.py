@@ -72,6 +72,7 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
     assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
     assert all(math.isfinite(v) for row in summary.values() for v in row["generation_bits_per_byte"].values())
+    assert all(math.isfinite(v) and v > 0 for row in summary.values() for v in row["generation_bits_stderr"].values())
     # AR generates one position per call: scored at NFE >= L (32) only, the others at every NFE
     assert set(summary["ar"]["generation_bits_per_byte"]) == {"32"}
     assert set(summary["mdlm"]["generation_bits_per_byte"]) == set(summary["lomdm_paper"]["generation_bits_per_byte"])
@@ -113,6 +114,9 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
     assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
+    generation = summary["lomdm_paper"]
+    assert (f"| {generation['generation_bits_per_byte']['32']:.3f} +- {generation['generation_bits_stderr']['32']:.3f} |"
+            in row)
     norms = lomdm["gradient_norms"]  # stability: the logged gradient norms, the schedule's part for LoMDM only
     assert norms["logged_steps"] == 4 and norms["max_grad_norm"] >= norms["max_grad_norm_schedule"] > 0
     assert "max_grad_norm_schedule" not in mdlm["gradient_norms"] and mdlm["gradient_norms"]["max_grad_norm"] > 0

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,10 @@ def test_generation_nll_is_the_ar_models_exact_nll(dims, checkpoints):
     scorer = load_scorer(checkpoints["ar"])
     tokens = torch.randint(0, 257, (3, 16), generator=torch.Generator().manual_seed(0))
     out = generation_nll(tokens, scorer)
-    assert out["nll"] == pytest.approx(exact_ar_nll(scorer.denoiser, scorer.schedule, tokens).mean().item() / 16)
+    per_sequence = exact_ar_nll(scorer.denoiser, scorer.schedule, tokens).numpy() / 16  # nats/token of each
+    assert out["nll"] == pytest.approx(per_sequence.mean())
+    assert out["nll_stderr"] == pytest.approx(np.std(per_sequence, ddof=1) / math.sqrt(3)) and out["nll_stderr"] > 0
+    assert generation_nll(tokens[:1], scorer)["nll_stderr"] is None
     assert out["ppl"] == pytest.approx(math.exp(out["nll"])) and out["tokens"] == 48
     assert 0.5 * math.log(257) < out["nll"] < 2 * math.log(257)  # random tokens: about uniform
     with pytest.raises(ValueError, match="autoregressive"):
