@@ -308,6 +308,9 @@ def markdown_tables(result: dict) -> str:
         after = [norms.get(f"max_{k}_after_warmup") for k in ("grad_norm", "grad_norm_schedule")]
         lines.append(f"| {r['objective']} s{r['seed']} | {r['step']}{'' if r['complete'] else ' (incomplete)'} | "
                      + " | ".join("-" if v is None else f"{v:.2f}" for v in after) + " |")
+    if result.get("left_out_still_training"):
+        lines += ["", "Left out, still training: " + ", ".join(
+            f"{name} (step {step})" for name, step in result["left_out_still_training"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -343,19 +346,24 @@ def evaluate_runs(run_dirs: list[Path], cache: Path, *, settings: dict, scorer: 
 
 def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe: tuple[int, ...], num_samples: int,
            exact_windows: int, jobs: int = 1) -> dict:
-    """Every run under `root` evaluated (evaluate_runs: resumable, `jobs` at once) and summarised into
-    out/report.json, out/tables.md and the plots; the newest AR run's checkpoint scores generated text."""
+    """Every complete run under `root` evaluated (evaluate_runs: resumable, `jobs` at once) and summarised into
+    out/report.json, out/tables.md and the plots; the first AR run's checkpoint scores generated text. Runs still
+    short of their train.steps are left out (the table compares equal tokens), and listed with their step."""
     from mdm_scale.plots import reveal_time_by_position, training_curves
+    from mdm_scale.run_queue import training_progress
     from parallel.checkpoint import list_checkpoints
 
-    run_dirs = sorted(p for p in root.iterdir() if (p / "config.yaml").exists() and
-                      list_checkpoints(p / "checkpoints"))
+    progress = {p: training_progress(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
+    run_dirs = [p for p, (step, steps) in progress.items() if step >= steps]
+    left_out = {p.name: step for p, (step, steps) in progress.items() if step < steps}
+    for name, step in left_out.items():
+        print(f"{name}: left out, still training (checkpoint at step {step})", flush=True)
     ar = [p for p in run_dirs if objective_of(p) == "ar"]
     scorer = str(list_checkpoints(ar[0] / "checkpoints")[-1]) if ar else None
     settings = {"batches": batches, "time_samples": time_samples, "nfe": list(nfe), "num_samples": num_samples,
                 "exact_windows": exact_windows}
     runs = evaluate_runs(run_dirs, out / "runs", settings=settings, scorer=scorer, jobs=jobs)
-    result = {"runs": runs, "summary": summarise(runs), "scorer": scorer}
+    result = {"runs": runs, "summary": summarise(runs), "scorer": scorer, "left_out_still_training": left_out}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
     (out / "tables.md").write_text(markdown_tables(result))

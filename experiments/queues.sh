@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU experiment queues of docs/results.md, started and stopped between sessions: issue 26's language runs
-# (two one-thread queues), each going on to issue 28's scaling grid when it ends (both drain the one grid:
-# mdm_scale/run_queue.py). Every run resumes from its newest checkpoint, so `start` after `stop` loses nothing.
+# The CPU experiment queues of docs/results.md, started and stopped between sessions: issue 26's required language
+# runs (two one-thread queues), then issue 28's scaling grid (both queues drain the one grid: mdm_scale/run_queue.py),
+# then the optional language seeds ("3 where the budget allows"). Every run resumes from its newest checkpoint, so
+# `start` after `stop` loses nothing.
 #
 #   bash experiments/queues.sh start    # launch both queues (setsid: they outlive the shell that started them)
 #   bash experiments/queues.sh stop     # the queues first (none starts a next run), then each training saves
@@ -11,11 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The issue's required runs first (3 seeds of mdlm and lomdm_paper, one of the others), then seeds 1 and 2 of the
-# others; balanced at ~1.9-2.9k tokens/s per run (CPU runs flush subnormals since the fifth session). A run listed
-# in both queues is trained by whichever reaches it first (the other passes over it while it is held).
-QUEUE_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 mdlm:2 lomdm:0 ar:1 mdm_ls:1 lomdm:1 lomdm:2"
-QUEUE_B="ar:0 lomdm_paper:1 mdlm:1 mdm_ls:0 lomdm:0 mdlm:2 ar:2 mdm_ls:2"
+# The issue's required runs (3 seeds of mdlm and lomdm_paper, one of the others), balanced at ~1.9-4k tokens/s per
+# run (CPU runs flush subnormals since the fifth session); after the scaling grid, seeds 1 and 2 of the others. A run
+# listed in both queues is trained by whichever reaches it first (the other passes over it while it is held).
+REQUIRED_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 mdlm:2 lomdm:0"
+REQUIRED_B="ar:0 lomdm_paper:1 mdlm:1 mdm_ls:0 lomdm:0 mdlm:2"
+OPTIONAL_A="ar:1 mdm_ls:1 lomdm:1"
+OPTIONAL_B="ar:2 mdm_ls:2 lomdm:2"
 SCALING="scripts/in_venv.sh python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper \
 --budgets 1e13 3e13 1e14 --depths 1 2 3 4 5 --out runs/scaling_char --local data.micro_batch_size=8"
 TRAINING="launchers/local.py config="
@@ -24,11 +27,12 @@ start() {
     if pgrep -f "queues-chain-" > /dev/null; then echo "queues already running (bash $0 status)" >&2; exit 1; fi
     mkdir -p runs/char_lm runs/scaling_char
     for q in a b; do
-        local items=$QUEUE_A
-        [ $q = b ] && items=$QUEUE_B
+        local required=$REQUIRED_A optional=$OPTIONAL_A
+        [ $q = b ] && required=$REQUIRED_B optional=$OPTIONAL_B
         # $0 of `bash -c` names the chain, so `stop` finds it before it can start its next command
-        setsid nohup bash -c "scripts/in_venv.sh python experiments/char_lm.py queue $items; \
-$SCALING >> runs/scaling_char/queue_$q.log 2>&1" "queues-chain-$q" >> "runs/char_lm/queue_$q.log" 2>&1 < /dev/null &
+        setsid nohup bash -c "scripts/in_venv.sh python experiments/char_lm.py queue $required; \
+$SCALING >> runs/scaling_char/queue_$q.log 2>&1; scripts/in_venv.sh python experiments/char_lm.py queue $optional" \
+            "queues-chain-$q" >> "runs/char_lm/queue_$q.log" 2>&1 < /dev/null &
     done
     sleep 1
     pgrep -af "queues-chain-" || { echo "the queues did not start (see runs/char_lm/queue_*.log)" >&2; exit 1; }

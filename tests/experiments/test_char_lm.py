@@ -56,6 +56,9 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     runs = tmp_path / "runs"
     for objective in ("mdlm", "ar", "lomdm_paper"):
         train(load_config("tiny", [*fast, f"objective={objective}", f"run_dir={runs / f'{objective}-s0'}"]))
+    # a run still training (stopped at step 2 of 4): left out of the equal-tokens table, and said so
+    train(load_config("tiny", [*fast, "objective=mdlm", "train.seed=1", "train.stop_at=2",
+                               f"run_dir={runs / 'mdlm-s1'}"]))
     # the report's sample windows are spread over the whole held-out split (its start is one document)
     from data_pipeline.datasets import open_split
     from data_pipeline.tokenizer import load_tokenizer
@@ -68,7 +71,8 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     settings = dict(batches=1, time_samples=1, nfe=(4, 32), num_samples=2, exact_windows=2)
     result = report.report(runs, tmp_path / "out", **settings, jobs=2)  # one process per run, two at a time
     summary = result["summary"]
-    assert set(summary) == {"mdlm", "ar", "lomdm_paper"}
+    assert set(summary) == {"mdlm", "ar", "lomdm_paper"} and summary["mdlm"]["seeds"] == [0]
+    assert result["left_out_still_training"] == {"mdlm-s1": 2} and not (tmp_path / "out/runs/mdlm-s1.json").exists()
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
     assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
     assert all(math.isfinite(v) for row in summary.values() for v in row["generation_bits_per_byte"].values())
@@ -99,7 +103,8 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     mdlm = next(r for r in result["runs"] if r["objective"] == "mdlm")
     assert point_of(runs / "mdlm-s0").loss == pytest.approx(mdlm["curve"][-1][1] * math.log(2))
     table = report.progress_table(runs).splitlines()  # the between-sessions table, from the logs alone
-    assert table[0] == "| run | 0 | 2 | 4 |" and len(table) == 5
+    assert table[0] == "| run | 0 | 2 | 4 |" and len(table) == 6
+    assert next(line for line in table if line.startswith("| mdlm-s1 (checkpoint at step 2) |"))
     row = next(line for line in table if line.startswith("| lomdm_paper-s0 (complete) |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert [c.count(" / ") for c in cells] == [1, 1, 1]  # time form / order form at every evaluation
@@ -111,6 +116,7 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert len(cached) == 3 and json.dumps(again) == json.dumps(summary)  # (json: a 1-batch stderr is NaN)
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
     tables = (tmp_path / "out" / "tables.md").read_text().splitlines()  # the markdown docs/results.md holds
+    assert tables[-1] == "Left out, still training: mdlm-s1 (step 2)."
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
     assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
