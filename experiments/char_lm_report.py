@@ -267,6 +267,70 @@ def summarise(runs: list[dict]) -> dict:
     return table
 
 
+def seed_mean_stderr(row: dict) -> float:
+    """Standard error of an objective's seed-mean bits/byte: the seed spread std / sqrt(n) for n >= 2 seeds; for one
+    seed only its evaluation's standard error (the seed variance is then unknown, and a verdict says so)."""
+    return row["std"] / math.sqrt(len(row["seeds"])) if row["std"] is not None else row["stderr"]
+
+
+def difference(a: float, se_a: float, b: float, se_b: float) -> dict:
+    """a - b with its standard error and the two-standard-error reading: "lower", "higher", "level", or "no
+    standard error" (one evaluation batch, or a missing one)."""
+    diff, se = a - b, math.hypot(se_a, se_b)
+    reading = ("no standard error" if not math.isfinite(se) else "lower" if diff < -2 * se else
+               "higher" if diff > 2 * se else "level")
+    return {"difference": diff, "stderr": se, "reading": reading}
+
+
+def _lower_is_confirmed(reading: str) -> str:
+    return {"lower": "confirmed at this scale", "higher": "not confirmed: higher",
+            "level": "not confirmed: level within two standard errors",
+            "no standard error": "not measurable: no standard error"}[reading]
+
+
+def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> dict[str, dict]:
+    """The paper's claims for `learned` against MDLM, each read off the numbers by a rule fixed before the runs
+    (a difference counts when it exceeds two standard errors):
+      perplexity       held-out bits/byte (unbiased order form): confirmed if lower than MDLM's, not if higher or
+                       level;
+      learning speed   the fraction of MDLM's bytes at which each seed's unbiased held-out curve first reaches
+                       MDLM's final value: confirmed if every seed gets there before MDLM does (< 1), not if any
+                       seed never gets there within the budget;
+      generation       AR-scored bits/byte of generated text at each NFE: confirmed at an NFE if lower than MDLM's;
+      learned order    the paper's Figure 4: the backward velocity's rank correlation with the denoiser's confidence
+                       is positive in every seed;
+      zero-shot        not measurable here (the paper's 7 zero-shot sets are word-level benchmarks of a GPT-2-sized
+                       model; a 3 M-parameter byte model has no meaningful score on them)."""
+    if learned not in summary or "mdlm" not in summary:
+        return {}
+    row, mdlm = summary[learned], summary["mdlm"]
+    single = 1 in (len(row["seeds"]), len(mdlm["seeds"]))
+    one_seed = " (one seed on a side: the seed variance is unknown)" if single else ""
+    out = {}
+    d = difference(row["mean"], seed_mean_stderr(row), mdlm["mean"], seed_mean_stderr(mdlm))
+    out["perplexity"] = {**d, "verdict": _lower_is_confirmed(d["reading"]) + one_seed}
+    fractions = row.get("fraction_of_mdlm_tokens_to_reach_its_final_order_form",
+                        row.get("fraction_of_mdlm_tokens_to_reach_its_final"))
+    if fractions:
+        reached = [f for f in fractions if f is not None]
+        out["learning speed"] = {"fractions": fractions, "verdict": (
+            "confirmed at this scale" if len(reached) == len(fractions) and max(reached) < 1 else
+            f"not confirmed: {len(fractions) - len(reached)} of {len(fractions)} seeds never reach MDLM's final value"
+            if len(reached) < len(fractions) else "not confirmed: no faster than MDLM")}
+    for n, value in row.get("generation_bits_per_byte", {}).items():
+        if n in mdlm.get("generation_bits_per_byte", {}):
+            d = difference(value, row["generation_bits_stderr"][n], mdlm["generation_bits_per_byte"][n],
+                           mdlm["generation_bits_stderr"][n])
+            out[f"generation NFE {n}"] = {**d, "verdict": _lower_is_confirmed(d["reading"])}
+    rho = [(r.get("confidence") or {}).get("spearman_velocity_vs_confidence") for r in runs
+           if r["objective"] == learned]
+    if rho and all(v is not None for v in rho):
+        out["learned order (Figure 4)"] = {"spearman_velocity_vs_confidence": rho, "verdict": (
+            "confirmed at this scale" if min(rho) > 0 else "not confirmed: not positive in every seed")}
+    out["zero-shot"] = {"verdict": "not measurable here"}
+    return out
+
+
 def _numbers(values, fmt: str = "{:.3f}") -> str:
     return " / ".join("-" if v is None else fmt.format(v) for v in values)
 
@@ -308,6 +372,19 @@ def markdown_tables(result: dict) -> str:
         after = [norms.get(f"max_{k}_after_warmup") for k in ("grad_norm", "grad_norm_schedule")]
         lines.append(f"| {r['objective']} s{r['seed']} | {r['step']}{'' if r['complete'] else ' (incomplete)'} | "
                      + " | ".join("-" if v is None else f"{v:.2f}" for v in after) + " |")
+    claims = verdicts(result["summary"], result["runs"])
+    if claims:
+        lines += ["", "| claim of the paper (lomdm_paper against MDLM) | numbers | verdict |", "|---|---|---|"]
+        for claim, v in claims.items():
+            if "difference" in v:
+                numbers = f"{v['difference']:+.3f} +- {v['stderr']:.3f} bits/byte"
+            elif "fractions" in v:
+                numbers = "fraction of MDLM's bytes: " + _numbers(v["fractions"], "{:.2f}")
+            elif "spearman_velocity_vs_confidence" in v:
+                numbers = "Spearman per seed: " + _numbers(v["spearman_velocity_vs_confidence"], "{:+.3f}")
+            else:
+                numbers = "-"
+            lines.append(f"| {claim} | {numbers} | {v['verdict']} |")
     if result.get("left_out_still_training"):
         lines += ["", "Left out, still training: " + ", ".join(
             f"{name} (step {step})" for name, step in result["left_out_still_training"].items()) + "."]
@@ -363,7 +440,9 @@ def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe
     settings = {"batches": batches, "time_samples": time_samples, "nfe": list(nfe), "num_samples": num_samples,
                 "exact_windows": exact_windows}
     runs = evaluate_runs(run_dirs, out / "runs", settings=settings, scorer=scorer, jobs=jobs)
-    result = {"runs": runs, "summary": summarise(runs), "scorer": scorer, "left_out_still_training": left_out}
+    summary = summarise(runs)
+    result = {"runs": runs, "summary": summary, "verdicts": verdicts(summary, runs), "scorer": scorer,
+              "left_out_still_training": left_out}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
     (out / "tables.md").write_text(markdown_tables(result))

@@ -37,6 +37,48 @@ def test_tokens_to_reach_interpolates_between_evaluations(report):
     assert report.tokens_to_reach(curve, 2.0) is None
 
 
+def test_verdicts_follow_the_two_standard_error_rule(report):
+    """Each claim is read off the numbers by its fixed rule: lower / higher / level by two standard errors of the
+    difference (seed spread / sqrt(n), or one seed's evaluation stderr), every seed reaching MDLM's final value
+    before MDLM's bytes, a positive Figure-4 correlation in every seed."""
+    def row(values, stderr=0.01, fractions=None, generation=None):
+        values = np.asarray(values, dtype=float)
+        out = {"seeds": list(range(len(values))), "mean": float(values.mean()), "stderr": stderr,
+               "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+        if fractions is not None:
+            out["fraction_of_mdlm_tokens_to_reach_its_final_order_form"] = fractions
+        if generation is not None:
+            out["generation_bits_per_byte"], out["generation_bits_stderr"] = {"64": generation[0]}, {"64": generation[1]}
+        return out
+
+    runs = [{"objective": "lomdm_paper", "confidence": {"spearman_velocity_vs_confidence": rho}} for rho in (0.5, 0.2)]
+    mdlm = row([3.20, 3.22, 3.18], generation=(4.0, 0.05))  # seed-mean stderr 0.02 / sqrt(3)
+    lower = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.10, 3.12, 3.08], fractions=[0.6, 0.7, 0.8],
+                                                             generation=(3.8, 0.05))}, runs)
+    assert lower["perplexity"]["difference"] == pytest.approx(-0.10)
+    assert lower["perplexity"]["stderr"] == pytest.approx(math.sqrt(2) * 0.02 / math.sqrt(3))
+    assert lower["perplexity"]["verdict"] == "confirmed at this scale"
+    assert lower["learning speed"]["verdict"] == "confirmed at this scale"
+    assert lower["generation NFE 64"]["verdict"] == "confirmed at this scale"  # -0.2 > 2 x 0.071
+    assert lower["learned order (Figure 4)"]["verdict"] == "confirmed at this scale"
+    assert lower["zero-shot"]["verdict"] == "not measurable here"
+    higher = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.26, 3.25, 3.25], fractions=[None, 0.9, 1.2],
+                                                              generation=(4.1, 0.05))}, runs[:1] + [
+        {"objective": "lomdm_paper", "confidence": {"spearman_velocity_vs_confidence": -0.1}}])
+    assert higher["perplexity"]["verdict"] == "not confirmed: higher"
+    assert higher["learning speed"]["verdict"] == "not confirmed: 1 of 3 seeds never reach MDLM's final value"
+    assert higher["generation NFE 64"]["verdict"] == "not confirmed: level within two standard errors"
+    assert higher["learned order (Figure 4)"]["verdict"] == "not confirmed: not positive in every seed"
+    level = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.21], stderr=0.03, fractions=[1.1])}, runs)
+    assert level["perplexity"]["stderr"] == pytest.approx(math.hypot(0.02 / math.sqrt(3), 0.03))  # one seed
+    assert level["perplexity"]["verdict"] == ("not confirmed: level within two standard errors (one seed on a side: "
+                                              "the seed variance is unknown)")
+    assert level["learning speed"]["verdict"] == "not confirmed: no faster than MDLM"
+    assert "generation NFE 64" not in level
+    nan = report.verdicts({"mdlm": row([3.2], stderr=float("nan")), "lomdm_paper": row([3.0])}, runs)
+    assert nan["perplexity"]["verdict"].startswith("not measurable: no standard error")
+
+
 def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     from data_pipeline.preprocess import preprocess
     from mdm_scale.config import load_config
@@ -117,6 +159,11 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cached} == cached
     tables = (tmp_path / "out" / "tables.md").read_text().splitlines()  # the markdown docs/results.md holds
     assert tables[-1] == "Left out, still training: mdlm-s1 (step 2)."
+    verdict_rows = {line.split(" | ")[0][2:]: line for line in tables if line.endswith(" |") and
+                    line.split(" | ")[0][2:] in result["verdicts"]}
+    assert set(verdict_rows) == set(result["verdicts"]) >= {"perplexity", "learning speed", "generation NFE 4",
+                                                            "generation NFE 32", "learned order (Figure 4)"}
+    assert result["verdicts"]["perplexity"]["verdict"] in verdict_rows["perplexity"]
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
     assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
