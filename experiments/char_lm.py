@@ -75,24 +75,33 @@ def prepare(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- queue
-def run_command(objective: str, seed: int, root: Path) -> list[str]:
-    """The launcher command of one run (what docs/results.md records); rerunning it resumes the run."""
+# Named variants of a preset (queue items "<name>:<seed>", run directories <name>-s<seed>, their own report rows).
+VARIANTS = {
+    # the paper's LoMDM with c2 = 0: its fixed 1 - t^0.7 schedule, two draws per sequence and schedulers, and no
+    # learned order; against lomdm_paper it isolates what the learned order adds, against mdlm the rest of the recipe
+    "lomdm_paper_fixed": ("lomdm_paper", ("objective.schedule.exponent_range=0",)),
+}
+
+
+def run_command(name: str, seed: int, root: Path) -> list[str]:
+    """The launcher command of one run (what docs/results.md records); rerunning it resumes the run. `name`: an
+    objective preset or one of VARIANTS."""
+    objective, overrides = VARIANTS.get(name, (name, ()))
     return [sys.executable, str(Path(__file__).resolve().parent.parent / "launchers/local.py"), "config=char_lm",
-            f"objective={objective}", f"train.seed={seed}", f"run_dir={root / f'{objective}-s{seed}'}"]
+            f"objective={objective}", *overrides, f"train.seed={seed}", f"run_dir={root / f'{name}-s{seed}'}"]
 
 
 def queue(specs: list[str], root: Path, poll_s: float = 60.0) -> int:
-    """Run `objective:seed` items one after another (one thread each; mdm_scale/run_queue.py), skipping finished
-    runs and waiting while another process holds a run; each run's output is appended to
-    <root>/<objective>-s<seed>.log. Returns the number of runs that failed."""
+    """Run `name:seed` items (an objective preset or one of VARIANTS) one after another (one thread each;
+    mdm_scale/run_queue.py), skipping finished runs and waiting while another process holds a run; each run's
+    output is appended to <root>/<name>-s<seed>.log. Returns the number of runs that failed."""
     from mdm_scale.run_queue import run_in_order
 
     root.mkdir(parents=True, exist_ok=True)
     runs = []
     for spec in specs:
-        objective, seed = spec.split(":")
-        runs.append((root / f"{objective}-s{seed}", run_command(objective, int(seed), root),
-                     root / f"{objective}-s{seed}.log"))
+        name, seed = spec.split(":")
+        runs.append((root / f"{name}-s{seed}", run_command(name, int(seed), root), root / f"{name}-s{seed}.log"))
     return run_in_order(runs, poll_s=poll_s, report=lambda line: print(line, flush=True))
 
 

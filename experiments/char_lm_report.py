@@ -25,7 +25,8 @@ EVAL_KEYS = ("eval/nelbo", "eval/nelbo_order_form")  # time form; the unbiased o
 
 COLORS = {"mdlm": "tab:gray", "ar": "tab:orange", "mdm_ls": "tab:blue", "lomdm_paper": "tab:purple",
           "lomdm": "tab:red", "mdm_ls order form": "tab:cyan", "lomdm_paper order form": "tab:pink",
-          "lomdm order form": "tab:brown"}  # the unbiased curves of learned schedules in their own colours
+          "lomdm order form": "tab:brown", "lomdm_paper_fixed": "tab:green",
+          "lomdm_paper_fixed order form": "tab:olive"}  # the unbiased curves of learned schedules in their own colours
 
 
 def bits(nats: float) -> float:

@@ -30,6 +30,22 @@ def test_unigram_cross_entropy_is_log2_v_for_uniform_data_and_lower_for_skewed(c
     assert char_lm.unigram_cross_entropy_bits(skewed, skewed) < 1.0
 
 
+def test_queue_items_name_a_preset_or_a_variant(char_lm, tmp_path):
+    """`lomdm_paper_fixed:0` is lomdm_paper with c2 = 0 (w = c1 = 0.7 everywhere: no learned order) in its own run
+    directory; a preset name passes through unchanged."""
+    from mdm_scale.config import load_config
+
+    def config_of(command):
+        return load_config("char_lm", command[command.index("config=char_lm") + 1:])
+
+    fixed = config_of(char_lm.run_command("lomdm_paper_fixed", 0, tmp_path))
+    paper = config_of(char_lm.run_command("lomdm_paper", 0, tmp_path))
+    assert fixed.run_dir == str(tmp_path / "lomdm_paper_fixed-s0") and paper.run_dir == str(tmp_path / "lomdm_paper-s0")
+    assert fixed.objective.schedule.exponent_range == 0 and paper.objective.schedule.exponent_range == 0.65
+    assert fixed.objective.schedule.min_exponent == paper.objective.schedule.min_exponent == 0.7
+    assert fixed.objective.score_baseline == paper.objective.score_baseline == "two_draw"
+
+
 def test_tokens_to_reach_interpolates_between_evaluations(report):
     curve = [(0, 5.0), (100, 4.0), (200, 3.0)]
     assert report.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
