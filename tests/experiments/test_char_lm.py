@@ -98,6 +98,7 @@ def test_verdicts_follow_the_two_standard_error_rule(report):
 def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     from data_pipeline.preprocess import preprocess
     from mdm_scale.config import load_config
+    from mdm_scale.metrics import read_metrics
     from mdm_scale.train import train
 
     data = tmp_path / "data"
@@ -189,5 +190,12 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     norms = lomdm["gradient_norms"]  # stability: the logged gradient norms, the schedule's part for LoMDM only
     assert norms["logged_steps"] == 4 and norms["max_grad_norm"] >= norms["max_grad_norm_schedule"] > 0
     assert "max_grad_norm_schedule" not in mdlm["gradient_norms"] and mdlm["gradient_norms"]["max_grad_norm"] > 0
+    logged = [r for r in read_metrics(runs / "lomdm_paper-s0") if "train/grad_norm" in r]  # global^2 = parts^2
+    assert norms["max_grad_norm_denoiser"] == pytest.approx(
+        max(math.sqrt(r["train/grad_norm"] ** 2 - r["train/grad_norm_schedule"] ** 2) for r in logged))
+    after = [r["train/grad_norm_schedule"] for r in logged if r["step"] > 1]  # optimizer.warmup_steps=1
+    assert norms["median_grad_norm_schedule_after_warmup"] == pytest.approx(float(np.median(after)))
+    stability = next(line for line in tables if line.startswith("| lomdm_paper s0 | 4 |"))
+    assert f"{norms['max_grad_norm_schedule_after_warmup']:.2f} ({np.median(after):.2f}) |" in stability
     order_row = next(line for line in tables if line.startswith("| lomdm_paper s0 |"))
     assert f"{lomdm['confidence']['spearman_velocity_vs_confidence']:+.3f} |" in order_row
