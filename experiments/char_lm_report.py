@@ -252,6 +252,7 @@ def summarise(runs: list[dict]) -> dict:
         row = {"seeds": [r["seed"] for r in rs], "bits_per_byte": values.tolist(),
                "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
                "stderr": float(np.mean([unbiased_bits(r)[1] for r in rs])),
+               "stderr_of_mean": seed_mean_stderr(values.tolist(), [unbiased_bits(r)[1] for r in rs]),
                "own_estimator_bits_per_byte": [r["bits_per_byte"] for r in rs],
                "complete": all(r["complete"] for r in rs)}
         if mdlm_curve_final is not None:
@@ -266,20 +267,26 @@ def summarise(runs: list[dict]) -> dict:
         row["estimator"] = "order form (t_min = 0)" if any("order_form_bits_per_byte" in r for r in rs) else "own"
         if any("exact_bits_per_byte" in r for r in rs):
             row["exact_bits_per_byte"] = [r.get("exact_bits_per_byte") for r in rs]
-        if rs[0].get("generation"):  # mean over seeds, and its standard error from each seed's sample stderr
-            row["generation_bits_per_byte"] = {n: float(np.mean([r["generation"][n]["bits_per_byte"] for r in rs]))
-                                               for n in rs[0]["generation"]}
+        if rs[0].get("generation"):  # per seed, their mean and its standard error (seed_mean_stderr)
+            per_seed = {n: [r["generation"][n]["bits_per_byte"] for r in rs] for n in rs[0]["generation"]}
+            row["generation_bits_per_seed"] = per_seed
+            row["generation_bits_per_byte"] = {n: float(np.mean(v)) for n, v in per_seed.items()}
             row["generation_bits_stderr"] = {
-                n: float(np.sqrt(sum(r["generation"][n]["bits_stderr"] ** 2 for r in rs)) / len(rs))
-                for n in rs[0]["generation"]}
+                n: seed_mean_stderr(v, [r["generation"][n]["bits_stderr"] for r in rs]) for n, v in per_seed.items()}
         table[objective] = row
     return table
 
 
-def seed_mean_stderr(row: dict) -> float:
-    """Standard error of an objective's seed-mean bits/byte: the seed spread std / sqrt(n) for n >= 2 seeds; for one
-    seed only its evaluation's standard error (the seed variance is then unknown, and a verdict says so)."""
-    return row["std"] / math.sqrt(len(row["seeds"])) if row["std"] is not None else row["stderr"]
+def seed_mean_stderr(values: list[float], stderrs: list[float]) -> float:
+    """Standard error of a mean over seeds of measured values (each with its own standard error): the larger of the
+    seed spread's std / sqrt(n) and the measurements' sqrt(sum se_i^2) / n, since with 2-3 seeds the spread alone
+    can be small by chance. One seed: its measurement's standard error (the seed variance is then unknown, and a
+    verdict says so). NaN when a measurement has none."""
+    n = len(values)
+    measured = math.sqrt(sum(se * se for se in stderrs)) / n
+    if n == 1 or not math.isfinite(measured):
+        return measured
+    return max(float(np.std(values, ddof=1)) / math.sqrt(n), measured)
 
 
 def difference(a: float, se_a: float, b: float, se_b: float) -> dict:
@@ -299,7 +306,7 @@ def _lower_is_confirmed(reading: str) -> str:
 
 def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> dict[str, dict]:
     """The paper's claims for `learned` against MDLM, each read off the numbers by a rule fixed before the runs
-    (a difference counts when it exceeds two standard errors):
+    (a difference counts when it exceeds two standard errors, each side's from seed_mean_stderr):
       perplexity       held-out bits/byte (unbiased order form): confirmed if lower than MDLM's, not if higher or
                        level;
       learning speed   the fraction of MDLM's bytes at which each seed's unbiased held-out curve first reaches
@@ -316,7 +323,7 @@ def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> d
     single = 1 in (len(row["seeds"]), len(mdlm["seeds"]))
     one_seed = " (one seed on a side: the seed variance is unknown)" if single else ""
     out = {}
-    d = difference(row["mean"], seed_mean_stderr(row), mdlm["mean"], seed_mean_stderr(mdlm))
+    d = difference(row["mean"], row["stderr_of_mean"], mdlm["mean"], mdlm["stderr_of_mean"])
     out["perplexity"] = {**d, "verdict": _lower_is_confirmed(d["reading"]) + one_seed}
     fractions = row.get("fraction_of_mdlm_tokens_to_reach_its_final_order_form",
                         row.get("fraction_of_mdlm_tokens_to_reach_its_final"))

@@ -53,14 +53,21 @@ def test_tokens_to_reach_interpolates_between_evaluations(report):
     assert report.tokens_to_reach(curve, 2.0) is None
 
 
+def test_seed_mean_stderr_takes_the_larger_of_the_seed_spread_and_the_measurement_noise(report):
+    assert report.seed_mean_stderr([3.0, 3.2], [0.01, 0.01]) == pytest.approx(np.std([3.0, 3.2], ddof=1) / math.sqrt(2))
+    assert report.seed_mean_stderr([3.0, 3.001], [0.1, 0.2]) == pytest.approx(math.sqrt(0.1**2 + 0.2**2) / 2)
+    assert report.seed_mean_stderr([3.0], [0.05]) == 0.05  # one seed: its measurement's error only
+    assert math.isnan(report.seed_mean_stderr([3.0, 3.2], [0.01, float("nan")]))
+
+
 def test_verdicts_follow_the_two_standard_error_rule(report):
     """Each claim is read off the numbers by its fixed rule: lower / higher / level by two standard errors of the
-    difference (seed spread / sqrt(n), or one seed's evaluation stderr), every seed reaching MDLM's final value
-    before MDLM's bytes, a positive Figure-4 correlation in every seed."""
+    difference (seed_mean_stderr on each side), every seed reaching MDLM's final value before MDLM's bytes, a
+    positive Figure-4 correlation in every seed."""
     def row(values, stderr=0.01, fractions=None, generation=None):
         values = np.asarray(values, dtype=float)
         out = {"seeds": list(range(len(values))), "mean": float(values.mean()), "stderr": stderr,
-               "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+               "stderr_of_mean": report.seed_mean_stderr(values.tolist(), [stderr] * len(values))}
         if fractions is not None:
             out["fraction_of_mdlm_tokens_to_reach_its_final_order_form"] = fractions
         if generation is not None:
