@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import char_lm_report  # noqa: E402
+import char_lm_verdicts  # noqa: E402
 from data_pipeline import books  # noqa: E402
 from data_pipeline.corpus import wikipedia_documents  # noqa: E402
 from data_pipeline.preprocess import preprocess  # noqa: E402
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         result = char_lm_report.report(Path(args.root), Path(args.out), batches=args.batches,
                                        time_samples=args.time_samples, nfe=tuple(args.nfe),
                                        num_samples=args.num_samples, exact_windows=args.exact_windows, jobs=args.jobs)
-        print(char_lm_report.markdown_tables(result))
+        print(char_lm_verdicts.markdown_tables(result))
     return 0
 
 

@@ -1,5 +1,6 @@
 """The character-level benchmark's report: what `char_lm.py report`, `evaluate` and `progress` measure on the run
-directories (docs/results.md, "Language (character level)"). Nothing here trains; everything reads runs.
+directories (docs/results.md, "Language (character level)"). Nothing here trains; everything reads runs. The
+statistics over the measured runs (per-objective rows, verdicts, tables) are in char_lm_verdicts.py.
 
 Held-out NELBO over the whole split with its standard error (and the unbiased order form for learned schedules),
 the learning curves from the training evaluations, generation scored by the project's AR model, the learned order
@@ -20,6 +21,8 @@ import numpy as np
 EXPERIMENTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXPERIMENTS.parent))
 sys.path.insert(0, str(EXPERIMENTS))
+
+from char_lm_verdicts import markdown_tables, summarise, verdicts  # noqa: E402
 
 EVAL_KEYS = ("eval/nelbo", "eval/nelbo_order_form")  # time form; the unbiased order form of a learned schedule
 
@@ -78,14 +81,6 @@ def gradient_norms(metrics: list[dict], warmup_steps: int) -> dict:
             out[f"max_{name}_after_warmup"] = max(after, default=None)
             out[f"median_{name}_after_warmup"] = float(np.median(after)) if after else None
     return out
-
-
-def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """Tokens at which the curve first reaches `target` (linear between evaluations); None if it never does."""
-    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
-        if v1 <= target:
-            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1) if v0 > target else t0
-    return None
 
 
 def heldout_windows(cfg, count: int):
@@ -154,7 +149,7 @@ def evaluate_run(run_dir: Path, checkpoint: Path, *, batches: int | None, time_s
                  nfe: tuple[int, ...], num_samples: int, exact_windows: int) -> dict:
     """One checkpoint of a run: held-out NELBO (the first `batches` batches, None = the whole split; `time_samples`
     antithetic times each; with its standard error), exact NLL for AR, generation NLL under the AR scorer at each
-    NFE, the learned order; with the run's training curves and gradient norms from its metrics."""
+    NFE, the learned order; with the run's training curves from its metrics."""
     import torch
 
     from mdm_scale.config import load_config
@@ -166,13 +161,11 @@ def evaluate_run(run_dir: Path, checkpoint: Path, *, batches: int | None, time_s
 
     cfg = load_config(run_dir / "config.yaml")
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.data.grad_accumulation
-    metrics = read_metrics(run_dir)
-    evals = held_out_evals(metrics)
+    evals = held_out_evals(read_metrics(run_dir))
     out = {"run_dir": str(run_dir), "objective": objective_of(run_dir), "seed": cfg.train.seed,
            "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
            "complete": checkpoint_step(checkpoint) >= cfg.train.steps,
-           "curve": learning_curve(evals, tokens_per_step),
-           "gradient_norms": gradient_norms(metrics, cfg.optimizer.warmup_steps)}
+           "curve": learning_curve(evals, tokens_per_step)}
     ev = evaluate_checkpoint(str(checkpoint), max_batches=batches, time_samples=time_samples, exact_ar=False)
     out.update(nelbo=ev["nelbo"], nelbo_stderr=ev["nelbo_stderr"], bits_per_byte=bits(ev["nelbo"]),
                bits_stderr=bits(ev["nelbo_stderr"]), eval_batches=ev["batches"], time_samples=time_samples)
@@ -228,188 +221,6 @@ def progress_table(root: Path) -> str:
     return "\n".join(lines)
 
 
-def unbiased_bits(run: dict) -> tuple[float, float]:
-    """(bits/byte, its stderr) to compare objectives by: the order form where the run's own estimator is the
-    truncated time form of a learned schedule (optimistic), the run's own value otherwise."""
-    if "order_form_bits_per_byte" in run:
-        return run["order_form_bits_per_byte"], run["order_form_bits_stderr"]
-    return run["bits_per_byte"], run["bits_stderr"]
-
-
-def summarise(runs: list[dict]) -> dict:
-    """Per objective: mean +- std over seeds of the held-out bits/byte (unbiased: `unbiased_bits`; the run's own
-    estimator's value beside it), its mean stderr, the learning-speed ratio against MDLM's final value, generation
-    bits/byte per NFE."""
-    by: dict[str, list[dict]] = {}
-    for r in runs:
-        by.setdefault(r["objective"], []).append(r)
-    mdlm_final = np.mean([unbiased_bits(r)[0] for r in by.get("mdlm", [])]) if "mdlm" in by else None
-    mdlm_curve_final = np.mean([r["curve"][-1][1] for r in by.get("mdlm", [])]) if "mdlm" in by else None
-    mdlm_tokens = np.mean([r["curve"][-1][0] for r in by.get("mdlm", [])]) if "mdlm" in by else None
-    table = {}
-    for objective, rs in by.items():
-        values = np.array([unbiased_bits(r)[0] for r in rs])
-        row = {"seeds": [r["seed"] for r in rs], "bits_per_byte": values.tolist(),
-               "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-               "stderr": float(np.mean([unbiased_bits(r)[1] for r in rs])),
-               "stderr_of_mean": seed_mean_stderr(values.tolist(), [unbiased_bits(r)[1] for r in rs]),
-               "own_estimator_bits_per_byte": [r["bits_per_byte"] for r in rs],
-               "complete": all(r["complete"] for r in rs)}
-        if mdlm_curve_final is not None:
-            reach = [tokens_to_reach(r["curve"], mdlm_curve_final) for r in rs]
-            row["fraction_of_mdlm_tokens_to_reach_its_final"] = [None if t is None else t / mdlm_tokens for t in reach]
-            if any("curve_order_form" in r for r in rs):  # the unbiased curve, from where it was first logged
-                reach = [tokens_to_reach(r.get("curve_order_form", []), mdlm_curve_final) for r in rs]
-                row["fraction_of_mdlm_tokens_to_reach_its_final_order_form"] = [
-                    None if t is None else t / mdlm_tokens for t in reach]
-        if mdlm_final is not None:
-            row["minus_mdlm"] = float(values.mean() - mdlm_final)
-        row["estimator"] = "order form (t_min = 0)" if any("order_form_bits_per_byte" in r for r in rs) else "own"
-        if any("exact_bits_per_byte" in r for r in rs):
-            row["exact_bits_per_byte"] = [r.get("exact_bits_per_byte") for r in rs]
-        if rs[0].get("generation"):  # per seed, their mean and its standard error (seed_mean_stderr)
-            per_seed = {n: [r["generation"][n]["bits_per_byte"] for r in rs] for n in rs[0]["generation"]}
-            row["generation_bits_per_seed"] = per_seed
-            row["generation_bits_per_byte"] = {n: float(np.mean(v)) for n, v in per_seed.items()}
-            row["generation_bits_stderr"] = {
-                n: seed_mean_stderr(v, [r["generation"][n]["bits_stderr"] for r in rs]) for n, v in per_seed.items()}
-        table[objective] = row
-    return table
-
-
-def seed_mean_stderr(values: list[float], stderrs: list[float]) -> float:
-    """Standard error of a mean over seeds of measured values (each with its own standard error): the larger of the
-    seed spread's std / sqrt(n) and the measurements' sqrt(sum se_i^2) / n, since with 2-3 seeds the spread alone
-    can be small by chance. One seed: its measurement's standard error (the seed variance is then unknown, and a
-    verdict says so). NaN when a measurement has none."""
-    n = len(values)
-    measured = math.sqrt(sum(se * se for se in stderrs)) / n
-    if n == 1 or not math.isfinite(measured):
-        return measured
-    return max(float(np.std(values, ddof=1)) / math.sqrt(n), measured)
-
-
-def difference(a: float, se_a: float, b: float, se_b: float) -> dict:
-    """a - b with its standard error and the two-standard-error reading: "lower", "higher", "level", or "no
-    standard error" (one evaluation batch, or a missing one)."""
-    diff, se = a - b, math.hypot(se_a, se_b)
-    reading = ("no standard error" if not math.isfinite(se) else "lower" if diff < -2 * se else
-               "higher" if diff > 2 * se else "level")
-    return {"difference": diff, "stderr": se, "reading": reading}
-
-
-def _lower_is_confirmed(reading: str) -> str:
-    return {"lower": "confirmed at this scale", "higher": "not confirmed: higher",
-            "level": "not confirmed: level within two standard errors",
-            "no standard error": "not measurable: no standard error"}[reading]
-
-
-def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> dict[str, dict]:
-    """The paper's claims for `learned` against MDLM, each read off the numbers by a rule fixed before the runs
-    (a difference counts when it exceeds two standard errors, each side's from seed_mean_stderr):
-      perplexity       held-out bits/byte (unbiased order form): confirmed if lower than MDLM's, not if higher or
-                       level;
-      learning speed   the fraction of MDLM's bytes at which each seed's unbiased held-out curve first reaches
-                       MDLM's final value: confirmed if every seed gets there before MDLM does (< 1), not if any
-                       seed never gets there within the budget;
-      generation       AR-scored bits/byte of generated text at each NFE: confirmed at an NFE if lower than MDLM's;
-      learned order    the paper's Figure 4: the backward velocity's rank correlation with the denoiser's confidence
-                       is positive in every seed;
-      zero-shot        not measurable here (the paper's 7 zero-shot sets are word-level benchmarks of a GPT-2-sized
-                       model; a 3 M-parameter byte model has no meaningful score on them)."""
-    if learned not in summary or "mdlm" not in summary:
-        return {}
-    row, mdlm = summary[learned], summary["mdlm"]
-    single = 1 in (len(row["seeds"]), len(mdlm["seeds"]))
-    one_seed = " (one seed on a side: the seed variance is unknown)" if single else ""
-    out = {}
-    d = difference(row["mean"], row["stderr_of_mean"], mdlm["mean"], mdlm["stderr_of_mean"])
-    out["perplexity"] = {**d, "verdict": _lower_is_confirmed(d["reading"]) + one_seed}
-    fractions = row.get("fraction_of_mdlm_tokens_to_reach_its_final_order_form",
-                        row.get("fraction_of_mdlm_tokens_to_reach_its_final"))
-    if fractions:
-        reached = [f for f in fractions if f is not None]
-        out["learning speed"] = {"fractions": fractions, "verdict": (
-            "confirmed at this scale" if len(reached) == len(fractions) and max(reached) < 1 else
-            f"not confirmed: {len(fractions) - len(reached)} of {len(fractions)} seeds never reach MDLM's final value"
-            if len(reached) < len(fractions) else "not confirmed: no faster than MDLM")}
-    for n, value in row.get("generation_bits_per_byte", {}).items():
-        if n in mdlm.get("generation_bits_per_byte", {}):
-            d = difference(value, row["generation_bits_stderr"][n], mdlm["generation_bits_per_byte"][n],
-                           mdlm["generation_bits_stderr"][n])
-            out[f"generation NFE {n}"] = {**d, "verdict": _lower_is_confirmed(d["reading"])}
-    rho = [(r.get("confidence") or {}).get("spearman_velocity_vs_confidence") for r in runs
-           if r["objective"] == learned]
-    if rho and all(v is not None for v in rho):
-        out["learned order (Figure 4)"] = {"spearman_velocity_vs_confidence": rho, "verdict": (
-            "confirmed at this scale" if min(rho) > 0 else "not confirmed: not positive in every seed")}
-    out["zero-shot"] = {"verdict": "not measurable here"}
-    return out
-
-
-def _numbers(values, fmt: str = "{:.3f}") -> str:
-    return " / ".join("-" if v is None else fmt.format(v) for v in values)
-
-
-def markdown_tables(result: dict) -> str:
-    """The report as the markdown tables docs/results.md holds: the comparison per objective, then the learned order
-    per run. Every number is read from `result` (report.json), none is recomputed."""
-    summary = result["summary"]
-    nfe = sorted({n for row in summary.values() for n in row.get("generation_bits_per_byte", {})}, key=int)
-    lines = ["| objective | seeds | held-out bits/byte (mean +- seed std) | stderr | own estimator | minus MDLM "
-             "| MDLM's final reached at (fraction of its bytes) | " + " | ".join(f"generation NFE {n} (AR's bits/byte +- se)" for n in nfe)
-             + " |", "|---|---|---|---|---|---|---|" + "---|" * len(nfe)]
-    for objective, row in summary.items():
-        spread = "" if row["std"] is None else f" +- {row['std']:.3f}"
-        reach = _numbers(row.get("fraction_of_mdlm_tokens_to_reach_its_final", []), "{:.2f}")
-        if "fraction_of_mdlm_tokens_to_reach_its_final_order_form" in row:
-            reach += " (order form: " + _numbers(row["fraction_of_mdlm_tokens_to_reach_its_final_order_form"],
-                                                 "{:.2f}") + ")"
-        own = _numbers(row["own_estimator_bits_per_byte"]) if row["estimator"] != "own" else "same"
-        minus = "-" if row.get("minus_mdlm") is None else f"{row['minus_mdlm']:+.3f}"
-        generation = [f"{row['generation_bits_per_byte'][n]:.3f} +- {row['generation_bits_stderr'][n]:.3f}"
-                      if n in row.get("generation_bits_per_byte", {}) else "-" for n in nfe]
-        lines.append(f"| {objective}{'' if row['complete'] else ' (incomplete)'} | {len(row['seeds'])} "
-                     f"| {row['mean']:.3f}{spread} ({row['estimator']}) | {row['stderr']:.3f} | {own} | {minus} "
-                     f"| {reach or '-'} | " + " | ".join(generation) + " |")
-    orders = [r for r in result["runs"] if r.get("order")]
-    if orders:
-        lines += ["", "| run | Spearman(mean reveal time, position) | reveal-time spread "
-                      "| Spearman(backward velocity, denoiser confidence) at t = 0.5 |", "|---|---|---|---|"]
-        for r in orders:
-            confidence = r.get("confidence") or {}
-            rho = confidence.get("spearman_velocity_vs_confidence")
-            lines.append(f"| {r['objective']} s{r['seed']} | {r['order']['spearman_reveal_time_vs_position']:+.3f} "
-                         f"| {r['order']['reveal_time_spread']:.3f} | {'-' if rho is None else f'{rho:+.3f}'} |")
-    lines += ["", "| run | step | logged gradient norm after warm-up, largest (median): global | denoiser's part "
-                  "| learned schedule's part (clipped on its own) |", "|---|---|---|---|---|"]
-    for r in result["runs"]:
-        norms = r["gradient_norms"]
-        cells = []
-        for part in ("grad_norm", "grad_norm_denoiser", "grad_norm_schedule"):
-            largest, median = norms.get(f"max_{part}_after_warmup"), norms.get(f"median_{part}_after_warmup")
-            cells.append("-" if largest is None else f"{largest:.2f} ({median:.2f})")
-        lines.append(f"| {r['objective']} s{r['seed']} | {r['step']}{'' if r['complete'] else ' (incomplete)'} | "
-                     + " | ".join(cells) + " |")
-    claims = verdicts(result["summary"], result["runs"])
-    if claims:
-        lines += ["", "| claim of the paper (lomdm_paper against MDLM) | numbers | verdict |", "|---|---|---|"]
-        for claim, v in claims.items():
-            if "difference" in v:
-                numbers = f"{v['difference']:+.3f} +- {v['stderr']:.3f} bits/byte"
-            elif "fractions" in v:
-                numbers = "fraction of MDLM's bytes: " + _numbers(v["fractions"], "{:.2f}")
-            elif "spearman_velocity_vs_confidence" in v:
-                numbers = "Spearman per seed: " + _numbers(v["spearman_velocity_vs_confidence"], "{:+.3f}")
-            else:
-                numbers = "-"
-            lines.append(f"| {claim} | {numbers} | {v['verdict']} |")
-    if result.get("left_out_still_training"):
-        lines += ["", "Left out, still training: " + ", ".join(
-            f"{name} (step {step})" for name, step in result["left_out_still_training"].items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
 def evaluate_runs(run_dirs: list[Path], cache: Path, *, settings: dict, scorer: str | None, jobs: int = 1,
                   poll_s: float = 2.0) -> list[dict]:
     """evaluate_run for each run's newest checkpoint (as of this call) in its own one-thread process (`char_lm.py
@@ -451,7 +262,8 @@ def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe
     from mdm_scale.run_queue import training_progress
     from parallel.checkpoint import list_checkpoints
 
-    progress = {p: training_progress(p) for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
+    configs = {p: load_config(p / "config.yaml") for p in sorted(root.iterdir()) if (p / "config.yaml").exists()}
+    progress = {p: training_progress(p, cfg.train.steps) for p, cfg in configs.items()}
     run_dirs = [p for p, (step, steps) in progress.items() if step >= steps]
     left_out = {p.name: step for p, (step, steps) in progress.items() if step < steps}
     for name, step in left_out.items():
@@ -461,9 +273,8 @@ def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe
     settings = {"batches": batches, "time_samples": time_samples, "nfe": list(nfe), "num_samples": num_samples,
                 "exact_windows": exact_windows}
     runs = evaluate_runs(run_dirs, out / "runs", settings=settings, scorer=scorer, jobs=jobs)
-    for r in runs:  # read from the logs at every report (cheap), so a cached evaluation needs no rerun for them
-        r["gradient_norms"] = gradient_norms(read_metrics(Path(r["run_dir"])),
-                                             load_config(Path(r["run_dir"]) / "config.yaml").optimizer.warmup_steps)
+    for run_dir, r in zip(run_dirs, runs):  # from the logs at every report (cheap): a cached evaluation stays valid
+        r["gradient_norms"] = gradient_norms(read_metrics(run_dir), configs[run_dir].optimizer.warmup_steps)
     summary = summarise(runs)
     result = {"runs": runs, "summary": summary, "verdicts": verdicts(summary, runs), "scorer": scorer,
               "left_out_still_training": left_out}

@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_progress(run_dir: Path) -> tuple[int, int]:
-    """(the step of the run's newest valid checkpoint, 0 without one; its configured train.steps). A run directory
-    without its config.yaml has not started: (0, 1)."""
+def training_progress(run_dir: Path, steps: int | None = None) -> tuple[int, int]:
+    """(the step of the run's newest valid checkpoint, 0 without one; its configured train.steps, read from its
+    config.yaml unless the caller passes `steps`). A run directory without its config.yaml has not started: (0, 1)."""
     from mdm_scale.config import load_config
     from parallel.checkpoint import checkpoint_step, list_checkpoints
 
@@ -28,7 +28,9 @@ def training_progress(run_dir: Path) -> tuple[int, int]:
     if not (run_dir / "config.yaml").exists():
         return 0, 1
     done = list_checkpoints(run_dir / "checkpoints")
-    return (checkpoint_step(done[-1]) if done else 0), load_config(run_dir / "config.yaml").train.steps
+    if steps is None:
+        steps = load_config(run_dir / "config.yaml").train.steps
+    return (checkpoint_step(done[-1]) if done else 0), steps
 
 
 def is_complete(run_dir: Path) -> bool:

@@ -23,6 +23,11 @@ def report(load_experiment):
     return load_experiment("char_lm_report")
 
 
+@pytest.fixture(scope="module")
+def stats(load_experiment):
+    return load_experiment("char_lm_verdicts")
+
+
 def test_unigram_cross_entropy_is_log2_v_for_uniform_data_and_lower_for_skewed(char_lm):
     uniform = np.tile(np.arange(257), 40)
     assert char_lm.unigram_cross_entropy_bits(uniform, uniform) == pytest.approx(math.log2(257), abs=1e-12)
@@ -46,28 +51,28 @@ def test_queue_items_name_a_preset_or_a_variant(char_lm, tmp_path):
     assert fixed.objective.score_baseline == paper.objective.score_baseline == "two_draw"
 
 
-def test_tokens_to_reach_interpolates_between_evaluations(report):
+def test_tokens_to_reach_interpolates_between_evaluations(stats):
     curve = [(0, 5.0), (100, 4.0), (200, 3.0)]
-    assert report.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
-    assert report.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
-    assert report.tokens_to_reach(curve, 2.0) is None
+    assert stats.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
+    assert stats.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
+    assert stats.tokens_to_reach(curve, 2.0) is None
 
 
-def test_seed_mean_stderr_takes_the_larger_of_the_seed_spread_and_the_measurement_noise(report):
-    assert report.seed_mean_stderr([3.0, 3.2], [0.01, 0.01]) == pytest.approx(np.std([3.0, 3.2], ddof=1) / math.sqrt(2))
-    assert report.seed_mean_stderr([3.0, 3.001], [0.1, 0.2]) == pytest.approx(math.sqrt(0.1**2 + 0.2**2) / 2)
-    assert report.seed_mean_stderr([3.0], [0.05]) == 0.05  # one seed: its measurement's error only
-    assert math.isnan(report.seed_mean_stderr([3.0, 3.2], [0.01, float("nan")]))
+def test_seed_mean_stderr_takes_the_larger_of_the_seed_spread_and_the_measurement_noise(stats):
+    assert stats.seed_mean_stderr([3.0, 3.2], [0.01, 0.01]) == pytest.approx(np.std([3.0, 3.2], ddof=1) / math.sqrt(2))
+    assert stats.seed_mean_stderr([3.0, 3.001], [0.1, 0.2]) == pytest.approx(math.sqrt(0.1**2 + 0.2**2) / 2)
+    assert stats.seed_mean_stderr([3.0], [0.05]) == 0.05  # one seed: its measurement's error only
+    assert math.isnan(stats.seed_mean_stderr([3.0, 3.2], [0.01, float("nan")]))
 
 
-def test_verdicts_follow_the_two_standard_error_rule(report):
+def test_verdicts_follow_the_two_standard_error_rule(stats):
     """Each claim is read off the numbers by its fixed rule: lower / higher / level by two standard errors of the
     difference (seed_mean_stderr on each side), every seed reaching MDLM's final value before MDLM's bytes, a
     positive Figure-4 correlation in every seed."""
     def row(values, stderr=0.01, fractions=None, generation=None):
         values = np.asarray(values, dtype=float)
         out = {"seeds": list(range(len(values))), "mean": float(values.mean()), "stderr": stderr,
-               "stderr_of_mean": report.seed_mean_stderr(values.tolist(), [stderr] * len(values))}
+               "stderr_of_mean": stats.seed_mean_stderr(values.tolist(), [stderr] * len(values))}
         if fractions is not None:
             out["fraction_of_mdlm_tokens_to_reach_its_final_order_form"] = fractions
         if generation is not None:
@@ -76,8 +81,11 @@ def test_verdicts_follow_the_two_standard_error_rule(report):
 
     runs = [{"objective": "lomdm_paper", "confidence": {"spearman_velocity_vs_confidence": rho}} for rho in (0.5, 0.2)]
     mdlm = row([3.20, 3.22, 3.18], generation=(4.0, 0.05))  # seed-mean stderr 0.02 / sqrt(3)
-    lower = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.10, 3.12, 3.08], fractions=[0.6, 0.7, 0.8],
-                                                             generation=(3.8, 0.05))}, runs)
+
+    def verdicts(learned, runs):  # each row's difference from MDLM, as summarise leaves it
+        return stats.verdicts(stats.against_mdlm({"mdlm": dict(mdlm), "lomdm_paper": learned}), runs)
+
+    lower = verdicts(row([3.10, 3.12, 3.08], fractions=[0.6, 0.7, 0.8], generation=(3.8, 0.05)), runs)
     assert lower["perplexity"]["difference"] == pytest.approx(-0.10)
     assert lower["perplexity"]["stderr"] == pytest.approx(math.sqrt(2) * 0.02 / math.sqrt(3))
     assert lower["perplexity"]["verdict"] == "confirmed at this scale"
@@ -85,20 +93,19 @@ def test_verdicts_follow_the_two_standard_error_rule(report):
     assert lower["generation NFE 64"]["verdict"] == "confirmed at this scale"  # -0.2 > 2 x 0.071
     assert lower["learned order (Figure 4)"]["verdict"] == "confirmed at this scale"
     assert lower["zero-shot"]["verdict"] == "not measurable here"
-    higher = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.26, 3.25, 3.25], fractions=[None, 0.9, 1.2],
-                                                              generation=(4.1, 0.05))}, runs[:1] + [
+    higher = verdicts(row([3.26, 3.25, 3.25], fractions=[None, 0.9, 1.2], generation=(4.1, 0.05)), runs[:1] + [
         {"objective": "lomdm_paper", "confidence": {"spearman_velocity_vs_confidence": -0.1}}])
     assert higher["perplexity"]["verdict"] == "not confirmed: higher"
     assert higher["learning speed"]["verdict"] == "not confirmed: 1 of 3 seeds never reach MDLM's final value"
     assert higher["generation NFE 64"]["verdict"] == "not confirmed: level within two standard errors"
     assert higher["learned order (Figure 4)"]["verdict"] == "not confirmed: not positive in every seed"
-    level = report.verdicts({"mdlm": mdlm, "lomdm_paper": row([3.21], stderr=0.03, fractions=[1.1])}, runs)
+    level = verdicts(row([3.21], stderr=0.03, fractions=[1.1]), runs)
     assert level["perplexity"]["stderr"] == pytest.approx(math.hypot(0.02 / math.sqrt(3), 0.03))  # one seed
     assert level["perplexity"]["verdict"] == ("not confirmed: level within two standard errors (one seed on a side: "
                                               "the seed variance is unknown)")
     assert level["learning speed"]["verdict"] == "not confirmed: no faster than MDLM"
     assert "generation NFE 64" not in level
-    nan = report.verdicts({"mdlm": row([3.2], stderr=float("nan")), "lomdm_paper": row([3.0])}, runs)
+    nan = stats.verdicts(stats.against_mdlm({"mdlm": row([3.2], stderr=float("nan")), "lomdm_paper": row([3.0])}), runs)
     assert nan["perplexity"]["verdict"].startswith("not measurable: no standard error")
 
 
@@ -140,7 +147,7 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert set(summary) == {"mdlm", "ar", "lomdm_paper"} and summary["mdlm"]["seeds"] == [0]
     assert result["left_out_still_training"] == {"mdlm-s1": 2} and not (tmp_path / "out/runs/mdlm-s1.json").exists()
     assert all(math.isfinite(row["mean"]) and row["complete"] for row in summary.values())
-    assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"] == 0.0
+    assert "exact_bits_per_byte" in summary["ar"] and summary["mdlm"]["minus_mdlm"]["difference"] == 0.0
     assert all(math.isfinite(v) for row in summary.values() for v in row["generation_bits_per_byte"].values())
     assert all(math.isfinite(v) and v > 0 for row in summary.values() for v in row["generation_bits_stderr"].values())
     # AR generates one position per call: scored at NFE >= L (32) only, the others at every NFE
@@ -153,7 +160,7 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert summary["lomdm_paper"]["bits_per_byte"] == [lomdm_run["order_form_bits_per_byte"]]
     assert summary["lomdm_paper"]["own_estimator_bits_per_byte"] == [lomdm_run["bits_per_byte"]]
     assert summary["lomdm_paper"]["bits_per_byte"] != summary["lomdm_paper"]["own_estimator_bits_per_byte"]
-    assert summary["lomdm_paper"]["minus_mdlm"] == pytest.approx(
+    assert summary["lomdm_paper"]["minus_mdlm"]["difference"] == pytest.approx(
         lomdm_run["order_form_bits_per_byte"] - summary["mdlm"]["mean"])
     lomdm = next(r for r in result["runs"] if r["objective"] == "lomdm_paper")
     assert len(lomdm["order"]["mean_reveal_time"]) == 32 and lomdm["confidence"]["sequences"] > 0
@@ -190,7 +197,8 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert result["verdicts"]["perplexity"]["verdict"] in verdict_rows["perplexity"]
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
-    assert f"| {summary['lomdm_paper']['minus_mdlm']:+.3f} |" in row
+    minus = summary["lomdm_paper"]["minus_mdlm"]
+    assert f"| {minus['difference']:+.3f} +- {minus['stderr']:.3f} |" in row
     generation = summary["lomdm_paper"]
     assert (f"| {generation['generation_bits_per_byte']['32']:.3f} +- {generation['generation_bits_stderr']['32']:.3f} |"
             in row)
