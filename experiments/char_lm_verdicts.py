@@ -68,13 +68,27 @@ def summarise(runs: list[dict]) -> dict:
     return against_mdlm(table)
 
 
+def compare(row: dict, reference: dict) -> tuple[dict, dict[str, dict]]:
+    """(held-out, {NFE: generation}) differences of two rows of `summarise`'s table (`difference`: row minus
+    reference, its standard error, the reading), generation at the NFEs both rows have."""
+    held_out = difference(row["mean"], row["stderr_of_mean"], reference["mean"], reference["stderr_of_mean"])
+    generation = {n: difference(value, row["generation_bits_stderr"][n], reference["generation_bits_per_byte"][n],
+                                reference["generation_bits_stderr"][n])
+                  for n, value in row.get("generation_bits_per_byte", {}).items()
+                  if n in reference.get("generation_bits_per_byte", {})}
+    return held_out, generation
+
+
 def against_mdlm(table: dict) -> dict:
-    """Each row of `summarise`'s table gets its difference from MDLM's row (`difference`: value, standard error,
-    reading), held-out as "minus_mdlm" and generated text per NFE as "generation_minus_mdlm"; the verdicts and the
-    tables read these, so each difference is computed once. A table without MDLM is returned as it is."""
+    """Each row of `summarise`'s table gets its difference from MDLM's row (`compare`), held-out as "minus_mdlm"
+    and generated text per NFE as "generation_minus_mdlm"; the verdicts and the tables read these, so each
+    difference is computed once. A table without MDLM is returned as it is."""
     mdlm = table.get("mdlm")
     if mdlm is None:
         return table
+    for row in table.values():
+        row["minus_mdlm"], row["generation_minus_mdlm"] = compare(row, mdlm)
+    return table
     for row in table.values():
         row["minus_mdlm"] = difference(row["mean"], row["stderr_of_mean"], mdlm["mean"], mdlm["stderr_of_mean"])
         row["generation_minus_mdlm"] = {
@@ -111,6 +125,10 @@ def _lower_is_confirmed(reading: str) -> str:
             "no standard error": "not measurable: no standard error"}[reading]
 
 
+def _one_seed_note(a: dict, b: dict) -> str:
+    return " (one seed on a side: the seed variance is unknown)" if 1 in (len(a["seeds"]), len(b["seeds"])) else ""
+
+
 def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> dict[str, dict]:
     """The paper's claims for `learned` against MDLM (`summary`: summarise's table, its differences from MDLM
     included), each read off the numbers by a rule fixed before the runs (a difference counts when it exceeds two
@@ -124,12 +142,13 @@ def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> d
       learned order    the paper's Figure 4: the backward velocity's rank correlation with the denoiser's confidence
                        is positive in every seed;
       zero-shot        not measurable here (the paper's 7 zero-shot sets are word-level benchmarks of a GPT-2-sized
-                       model; a 3 M-parameter byte model has no meaningful score on them)."""
+                       model; a 3 M-parameter byte model has no meaningful score on them).
+    With the ablation `<learned>_fixed` (c2 = 0: the same recipe, no learned order) in the table, held-out and
+    generation are also read against it, by the same rule: what the learned order itself adds."""
     if learned not in summary or "mdlm" not in summary:
         return {}
     row, mdlm = summary[learned], summary["mdlm"]
-    single = 1 in (len(row["seeds"]), len(mdlm["seeds"]))
-    one_seed = " (one seed on a side: the seed variance is unknown)" if single else ""
+    one_seed = _one_seed_note(row, mdlm)
     out = {}
     d = row["minus_mdlm"]
     out["perplexity"] = {**d, "verdict": _lower_is_confirmed(d["reading"]) + one_seed}
@@ -149,6 +168,14 @@ def verdicts(summary: dict, runs: list[dict], learned: str = "lomdm_paper") -> d
         out["learned order (Figure 4)"] = {"spearman_velocity_vs_confidence": rho, "verdict": (
             "confirmed at this scale" if min(rho) > 0 else "not confirmed: not positive in every seed")}
     out["zero-shot"] = {"verdict": "not measurable here"}
+    ablation = summary.get(f"{learned}_fixed")
+    if ablation is not None:
+        one_seed = _one_seed_note(row, ablation)
+        held_out, generation = compare(row, ablation)
+        name = f"learned order against {learned}_fixed (c2 = 0)"
+        out[f"{name}: held-out"] = {**held_out, "verdict": _lower_is_confirmed(held_out["reading"]) + one_seed}
+        for n, d in generation.items():
+            out[f"{name}: generation NFE {n}"] = {**d, "verdict": _lower_is_confirmed(d["reading"]) + one_seed}
     return out
 
 

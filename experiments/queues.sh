@@ -13,12 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The issue's required runs (3 seeds of mdlm and lomdm_paper, one of the others), balanced at ~1.9-4k tokens/s per
-# run (CPU runs flush subnormals since the fifth session); after the scaling grid, the ablation lomdm_paper_fixed
-# (c2 = 0: no learned order; experiments/char_lm.py VARIANTS) and seeds 1 and 2 of the others. No run is in two
-# lists: a queue waits at its end for a run another process holds, and that would idle a core.
-REQUIRED_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 mdlm:2"
+# run (CPU runs flush subnormals since the fifth session), and the ablation lomdm_paper_fixed (c2 = 0: the paper's
+# recipe without a learned order, experiments/char_lm.py VARIANTS: it says whether lomdm_paper's differences from
+# MDLM come from the learned order); after the scaling grid, seeds 1 and 2 of the others. No run is in two lists: a
+# queue waits at its end for a run another process holds, and that would idle a core.
+REQUIRED_A="mdlm:0 lomdm_paper:0 lomdm_paper:2 mdlm:2 lomdm_paper_fixed:0"
 REQUIRED_B="ar:0 lomdm_paper:1 mdlm:1 mdm_ls:0 lomdm:0"
-OPTIONAL_A="lomdm_paper_fixed:0 lomdm:1 ar:1"
+OPTIONAL_A="lomdm:1 ar:1"
 OPTIONAL_B="mdm_ls:1 lomdm:2 ar:2 mdm_ls:2"
 SCALING="scripts/in_venv.sh python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper \
 --budgets 1e13 3e13 1e14 --depths 1 2 3 4 5 --out runs/scaling_char --local data.micro_batch_size=8"

@@ -107,6 +107,19 @@ def test_verdicts_follow_the_two_standard_error_rule(stats):
     assert "generation NFE 64" not in level
     nan = stats.verdicts(stats.against_mdlm({"mdlm": row([3.2], stderr=float("nan")), "lomdm_paper": row([3.0])}), runs)
     assert nan["perplexity"]["verdict"].startswith("not measurable: no standard error")
+    # with the ablation (c2 = 0) in the table, what the learned order adds is read against it by the same rule
+    assert not any(claim.startswith("learned order against") for claim in lower)
+    learned = row([3.10, 3.12, 3.08], generation=(3.8, 0.05))
+    ablated = stats.verdicts(stats.against_mdlm({"mdlm": dict(mdlm), "lomdm_paper": learned,
+                                                 "lomdm_paper_fixed": row([3.11], stderr=0.02, generation=(4.0, 0.05))}),
+                             runs)
+    held_out = ablated["learned order against lomdm_paper_fixed (c2 = 0): held-out"]
+    assert held_out["difference"] == pytest.approx(-0.01)
+    assert held_out["stderr"] == pytest.approx(math.hypot(learned["stderr_of_mean"], 0.02))
+    assert held_out["verdict"] == ("not confirmed: level within two standard errors (one seed on a side: the seed "
+                                   "variance is unknown)")
+    generation = ablated["learned order against lomdm_paper_fixed (c2 = 0): generation NFE 64"]
+    assert generation["difference"] == pytest.approx(-0.2) and generation["verdict"].startswith("confirmed")
 
 
 def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
