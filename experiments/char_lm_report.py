@@ -297,5 +297,5 @@ def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe
                     xlabel="training bytes", colors=COLORS)
     if exponents:
         reveal_time_by_position(exponents, out / "learned_order.png", title="Learned order (character level)",
-                                colors=COLORS)
+                                colors=COLORS, right_to_left_reference=False)  # no order is best a priori here
     return result
