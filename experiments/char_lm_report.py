@@ -294,7 +294,7 @@ def report(root: Path, out: Path, *, batches: int | None, time_samples: int, nfe
                    if r.get("curve_order_form")})
     training_curves(curves, out / "heldout_bits.png",
                     title="Character level: held-out NELBO during training", ylabel="bits/byte (NELBO bound)",
-                    xlabel="training bytes", colors=COLORS)
+                    xlabel="training bytes", colors=COLORS, zoom=(3.0, 4.0))
     if exponents:
         reveal_time_by_position(exponents, out / "learned_order.png", title="Learned order (character level)",
                                 colors=COLORS, right_to_left_reference=False)  # no order is best a priori here

@@ -69,33 +69,38 @@ def mean_reveal_time(w) -> np.ndarray:
 def training_curves(curves: Mapping[str, Curve], path, *, title: str = "Held-out NELBO during training",
                     ylabel: str = "held-out NELBO (nats/token)", xlabel: str = "step",
                     colors: Mapping[str, str] | None = None, logy: bool = False,
-                    hlines: Mapping[str, float] | None = None) -> str:
+                    hlines: Mapping[str, float] | None = None, zoom: tuple[float, float] | None = None) -> str:
     """One line per entry of `curves` ({label: [(step, value), ...]}).
 
     colors: {prefix: colour}; a label takes the colour of the longest prefix it starts with (so "mdlm s0",
     "mdlm s1" share one colour, and only the first of them is put in the legend). hlines: {label: y} drawn
-    dashed (e.g. an exact floor)."""
+    dashed (e.g. an exact floor). zoom: (low, high) adds a right panel with the same lines in that y range, for
+    curves that overlap at full scale."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    seen = set()
-    for label, curve in curves.items():
-        if not len(curve):
-            continue
-        steps, values = zip(*sorted((int(s), float(v)) for s, v in curve))
-        color, group = None, label
-        if colors:
-            match = max((p for p in colors if label.startswith(p)), key=len, default=None)
-            if match is not None:
-                color, group = colors[match], match
-        ax.plot(steps, values, "-o", ms=2.5, color=color, alpha=0.8,
-                label=(group if group not in seen else None) if colors else label)
-        seen.add(group)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, color="k", ls="--", lw=1, label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if logy:
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11, 4.2) if zoom else (6.5, 4.2), squeeze=False)
+    for panel, ax in enumerate(axes[0]):
+        seen = set()
+        for label, curve in curves.items():
+            if not len(curve):
+                continue
+            steps, values = zip(*sorted((int(s), float(v)) for s, v in curve))
+            color, group = None, label
+            if colors:
+                match = max((p for p in colors if label.startswith(p)), key=len, default=None)
+                if match is not None:
+                    color, group = colors[match], match
+            ax.plot(steps, values, "-o", ms=2.5, color=color, alpha=0.8,
+                    label=(group if group not in seen else None) if colors else label)
+            seen.add(group)
+        for label, y in (hlines or {}).items():
+            ax.axhline(y, color="k", ls="--", lw=1, label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title if panel == 0 else f"zoomed to {zoom[0]:g}-{zoom[1]:g}")
+        if logy:
+            ax.set_yscale("log")
+        if panel == 1:
+            ax.set_ylim(*zoom)
+        else:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 

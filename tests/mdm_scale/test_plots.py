@@ -3,6 +3,8 @@ is a no-op without a run and logs images into an offline run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,9 @@ def test_training_curves_and_heatmaps_write_pngs(tmp_path):
         assert _is_png(p) and (tmp_path / p).stat().st_size > 5000
     with pytest.raises(ValueError):
         plots.exponent_heatmap(np.ones((2, 2, 2)), tmp_path / "bad.png")
+    zoomed = plots.training_curves(curves, tmp_path / "zoom.png", title="t", ylabel="y", zoom=(0.5, 1.0))
+    width = lambda png: int.from_bytes(Path(png).read_bytes()[16:20], "big")  # noqa: E731  (PNG IHDR width)
+    assert _is_png(zoomed) and width(zoomed) > 1.5 * width(paths[1])  # a second panel beside the first
 
 
 def test_reveal_time_and_generation_steps():
