@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from mdm_scale.scaling.plan import format_grid, isoflop_grid, write_grid
+    from mdm_scale.scaling.plan import format_grid, isoflop_grid, parse_shape, write_grid
 
     points, dropped = isoflop_grid(args.config, args.budgets, args.objectives, args.depths, aspect=args.aspect,
+                                   shapes=[parse_shape(s) for s in args.shapes],
                                    min_steps=args.min_steps, max_epochs=args.max_epochs,
                                    overrides=args.overrides)
     if not points:
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--config", default="char_lm", help="base config (shapes and steps are set per point)")
     plan.add_argument("--objectives", nargs="+", default=["mdlm", "ar", "lomdm_paper"])
     plan.add_argument("--budgets", nargs="+", type=float, required=True, help="compute budgets C in FLOPs")
-    plan.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4, 5], help="model sizes by depth")
+    plan.add_argument("--depths", nargs="*", type=int, default=[2, 3, 4, 5], help="model sizes by depth")
     plan.add_argument("--aspect", type=int, default=64, help="hidden = aspect x depth")
+    plan.add_argument("--shapes", nargs="*", default=[], metavar="LxH",
+                      help="further sizes as layers x hidden (e.g. 1x128), between the depth rule's")
     plan.add_argument("--min-steps", type=int, default=100)
     plan.add_argument("--max-epochs", type=float, default=4.0, help="drop points that would repeat the training "
                                                                     "split more often (0: no limit)")

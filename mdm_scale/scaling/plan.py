@@ -1,7 +1,8 @@
 """IsoFLOP grids: for each compute budget C, objective and model size, the run that spends exactly C.
 
 Sizes follow a depth rule (Kaplan et al.'s fixed aspect ratio): depth L gives hidden h = aspect * L (a multiple of
-the head width 64), heads h / 64, FFN 4h. A point's training tokens are D = C / F(model, objective), with F the
+the head width 64), heads h / 64, FFN 4h. Explicit shapes ("LxH") add sizes between the rule's, which grow as L^3
+(an 8x step from depth 1 to 2 is too coarse for a parabola whose minimum falls there). A point's training tokens are D = C / F(model, objective), with F the
 project's FLOPs per data token (mdm_scale/flops.py: LoMDM's clean pass, the paper's two draws and its scheduler
 layers included), so objectives are compared at equal compute, not equal tokens. D is rounded to whole optimizer
 steps of the base config's batch; a point needs at least `min_steps` steps (fewer would be mostly warm-up) and is
@@ -24,6 +25,11 @@ from mdm_scale.flops import non_embedding_params, training_flops_per_token
 from parallel.files import atomic_write
 
 HEAD_DIM = 64
+
+
+def num_heads(hidden: int) -> int:
+    """Heads of width HEAD_DIM; a model narrower than one head has a single head of its own width."""
+    return max(1, hidden // HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class GridPoint:
 
     def overrides(self, warmup_steps: int) -> list[str]:
         return [f"objective={self.objective}", f"model.num_layers={self.num_layers}",
-                f"model.hidden_size={self.hidden_size}", f"model.num_attention_heads={self.hidden_size // HEAD_DIM}",
+                f"model.hidden_size={self.hidden_size}", f"model.num_attention_heads={num_heads(self.hidden_size)}",
                 f"train.steps={self.steps}", f"optimizer.warmup_steps={min(warmup_steps, self.steps // 10)}"]
 
 
@@ -80,11 +86,22 @@ def training_split_tokens(cfg: RunConfig, tokenizer) -> int | None:
     return int(manifest["num_samples"]) * int(manifest["seq_len"])
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """"LxH" (layers x hidden) as (L, H): H a multiple of HEAD_DIM, or below it (one narrower head), e.g. 1x32."""
+    try:
+        layers, hidden = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"shape {text!r}: expected LAYERSxHIDDEN, e.g. 1x128") from None
+    if layers < 1 or hidden < 1 or (hidden > HEAD_DIM and hidden % HEAD_DIM):
+        raise ConfigError(f"shape {text!r}: needs layers >= 1 and hidden a multiple of {HEAD_DIM} or below it")
+    return layers, hidden
+
+
 def isoflop_grid(base: str, budgets: list[float], objectives: list[str], depths: list[int], *, aspect: int = 64,
-                 min_steps: int = 100, max_epochs: float = 4.0,
+                 shapes: list[tuple[int, int]] = (), min_steps: int = 100, max_epochs: float = 4.0,
                  overrides: list[str] = ()) -> tuple[list[GridPoint], list[str]]:
-    """The grid's points and, for each dropped (budget, objective, depth), one line saying why (max_epochs 0: no
-    limit)."""
+    """The grid's points and, for each dropped (budget, objective, shape), one line saying why (max_epochs 0: no
+    limit). Sizes are the depth rule's for `depths` and the explicit (layers, hidden) `shapes`, by increasing N."""
     from data_pipeline.tokenizer import load_tokenizer
 
     base_cfg = load_config(base, list(overrides))
@@ -101,12 +118,14 @@ def isoflop_grid(base: str, budgets: list[float], objectives: list[str], depths:
         raise ConfigError("--max-epochs needs the training split's size, which data.remote does not give before "
                           "its shards are downloaded; pass --max-epochs 0 to plan without it")
     per_step = base_cfg.data.micro_batch_size * base_cfg.data.grad_accumulation * base_cfg.data.seq_len
+    sizes = sorted({shape_for_depth(d, aspect) for d in depths} | set(shapes), key=lambda s: (s[0] * s[1] ** 2, s))
+    if not sizes:
+        raise ConfigError("no model size: give --depths or --shapes")
     points, dropped = [], []
     for objective in objectives:
-        for depth in depths:
-            layers, hidden = shape_for_depth(depth, aspect)
+        for layers, hidden in sizes:
             cfg = load_config(base, [*overrides, f"objective={objective}", f"model.num_layers={layers}",
-                                     f"model.hidden_size={hidden}", f"model.num_attention_heads={hidden // HEAD_DIM}"])
+                                     f"model.hidden_size={hidden}", f"model.num_attention_heads={num_heads(hidden)}"])
             per_token = training_flops_per_token(cfg, vocab)
             ffn = cfg.model.ffn_hidden_size or 4 * hidden
             for budget in budgets:

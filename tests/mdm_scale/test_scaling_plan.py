@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from mdm_scale.config import load_config
+from mdm_scale.config import ConfigError, load_config
 from mdm_scale.flops import flops_per_token, non_embedding_params, training_flops_per_token
 from mdm_scale.scaling.__main__ import main
-from mdm_scale.scaling.plan import isoflop_grid
+from mdm_scale.scaling.plan import isoflop_grid, num_heads, parse_shape
 
 BUDGETS = [3e12, 1e13, 3e13]
 
@@ -25,6 +25,20 @@ def test_every_point_spends_its_budget_within_one_percent():
     # a dropped point is one whose budget buys fewer than min_steps steps, never a silently shortened run
     assert {(p.objective, p.num_layers, p.budget) for p in points}.isdisjoint(
         {(line.split()[0], int(line.split()[1][1:]), float(line.split("C=")[1].split(":")[0])) for line in dropped})
+
+
+def test_explicit_shapes_join_the_depth_rule_by_size_and_stay_on_budget():
+    points, _ = isoflop_grid("char_lm", [1e13], ["mdlm"], [1, 2],
+                             shapes=[parse_shape("1x128"), (2, 128), parse_shape("1x32")], max_epochs=0)
+    assert [(p.num_layers, p.hidden_size) for p in points] == [(1, 32), (1, 64), (1, 128), (2, 128)]  # by N, once
+    assert [p.params for p in points] == sorted(p.params for p in points)
+    assert all(abs(p.flops / p.budget - 1) < 0.01 for p in points)
+    assert [num_heads(p.hidden_size) for p in points] == [1, 1, 2, 2]  # 1 x 32: one head of width 32
+    for bad in ("1x100", "0x128", "128", "axb"):
+        with pytest.raises(ConfigError, match="shape"):
+            parse_shape(bad)
+    with pytest.raises(ConfigError, match="no model size"):
+        isoflop_grid("char_lm", [1e13], ["mdlm"], [], max_epochs=0)
 
 
 def test_flops_per_token_counts_lomdm_papers_two_draws_clean_pass_and_scheduler_layers():
