@@ -208,6 +208,8 @@ def test_report_covers_fixed_and_learned_orders(dims, report, tmp_path):
     assert set(verdict_rows) == set(result["verdicts"]) >= {"perplexity", "learning speed", "generation NFE 4",
                                                             "generation NFE 32", "learned order (Figure 4)"}
     assert result["verdicts"]["perplexity"]["verdict"] in verdict_rows["perplexity"]
+    assert "fraction_of_mdlm_tokens_to_reach_its_final" in summary["mdlm"]  # MDLM's own row: said to be the null
+    assert sum(line.startswith("MDLM's own row") for line in tables) == 1
     row = next(line for line in tables if line.startswith("| lomdm_paper |"))
     assert f"| {summary['lomdm_paper']['mean']:.3f} (order form (t_min = 0)) |" in row
     minus = summary["lomdm_paper"]["minus_mdlm"]
