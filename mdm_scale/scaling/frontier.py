@@ -6,7 +6,8 @@ spend different FLOPs per token.
 
 Compute-optimal frontier (`compute_optimal`): L_opt(C) = min_N L(N, C / f(N)), minimised numerically over log N.
 Compute multiplier (`compute_multiplier`): C_b(L) / C_a(L), where C_x(L) solves L_opt_x(C) = L; it exists only for
-L > E_x. A loss no compute reaches raises `UnreachableLoss`; every other ValueError (a frontier at the end of its
+L > E_x. Its trend (`multiplier_trend`): the multiplier at the loss a reaches at each of its budgets, and its
+growth per decade of C, all with bootstrap intervals: whether b's gap to a widens or narrows with compute. A loss no compute reaches raises `UnreachableLoss`; every other ValueError (a frontier at the end of its
 searched range, a loss reached below the smallest C searched) is a failure of the search, never "unreachable".
 """
 
@@ -132,12 +133,79 @@ def compute_multiplier_interval(points_a: Sequence[Point], points_b: Sequence[Po
     report), and the refits start from it. A loss the full fits cannot reach, or any other failure of the
     estimate, raises (ValueError; UnreachableLoss for the former); the resamples' outcomes are counted
     (MultiplierInterval)."""
+    intervals, _ = _multiplier_bootstrap(points_a, points_b, [loss], flops_per_token_a, flops_per_token_b,
+                                         samples=samples, seed=seed, restarts=restarts,
+                                         full_fit_restarts=full_fit_restarts, huber_delta=huber_delta,
+                                         percentiles=percentiles, fit_a=fit_a, fit_b=fit_b)
+    return intervals[0]
+
+
+@dataclass
+class MultiplierTrend:
+    """Does b's compute multiplier against a grow or shrink with compute? The multiplier at the loss a's
+    compute-optimal frontier reaches at each of a's budgets (`intervals`, one per budget), and its change per
+    decade of C between the first and last budget, g = (m_last / m_first)^(1 / log10(C_last / C_first)):
+    g > 1, b falls further behind a (or its lead shrinks) as compute grows. `growth_per_decade` is
+    (estimate, low, high), the interval from the resamples that gave a finite, positive multiplier at both ends
+    (`growth_samples` of them)."""
+
+    budgets: list[float]
+    losses: list[float]
+    intervals: list[MultiplierInterval]
+    growth_per_decade: tuple[float, float, float]
+    growth_samples: int
+
+
+def multiplier_trend(points_a: Sequence[Point], points_b: Sequence[Point], budgets: Sequence[float],
+                     flops_per_token_a: FlopsPerToken, flops_per_token_b: FlopsPerToken | None = None, *,
+                     samples: int = 200, seed: int = 0, restarts: int = 4, full_fit_restarts: int = 32,
+                     huber_delta: float = 1e-3, percentiles: tuple[float, float] = (2.5, 97.5),
+                     fit_a: ParametricFit | None = None, fit_b: ParametricFit | None = None) -> MultiplierTrend:
+    """compute_multiplier_interval at the losses L_k = L_opt_a(C_k) of a's full fit at each budget C_k (at least
+    2 distinct), all from one bootstrap, and the multiplier's growth per decade of C (MultiplierTrend). The losses
+    stay fixed across resamples: the question is asked at the same losses each time."""
+    budgets = sorted(float(c) for c in budgets)
+    if len(set(budgets)) < 2:
+        raise ValueError(f"a trend needs at least 2 distinct budgets, got {budgets}")
+    fit_a = _full_fit(points_a, fit_a, full_fit_restarts, seed, huber_delta)
+    losses = [compute_optimal(fit_a, c, flops_per_token_a)[2] for c in budgets]
+    intervals, ratios = _multiplier_bootstrap(points_a, points_b, losses, flops_per_token_a, flops_per_token_b,
+                                              samples=samples, seed=seed, restarts=restarts,
+                                              full_fit_restarts=full_fit_restarts, huber_delta=huber_delta,
+                                              percentiles=percentiles, fit_a=fit_a, fit_b=fit_b)
+    decades = math.log10(budgets[-1] / budgets[0])
+
+    def growth(first: float, last: float) -> float:
+        return (last / first) ** (1 / decades)
+
+    ends = [growth(r[0], r[-1]) for r in ratios
+            if r[0] is not None and r[-1] is not None and 0 < r[0] < math.inf and 0 < r[-1] < math.inf]
+    if not ends:
+        raise RuntimeError(f"no bootstrap resample of {samples} gave a finite multiplier at both {budgets[0]:.3g} "
+                           f"and {budgets[-1]:.3g} FLOPs")
+    low = float(np.percentile(ends, percentiles[0], method="lower"))
+    high = float(np.percentile(ends, percentiles[1], method="higher"))
+    return MultiplierTrend(budgets, [float(v) for v in losses], intervals,
+                           (growth(intervals[0].estimate, intervals[-1].estimate), low, high), len(ends))
+
+
+def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per_token_a: FlopsPerToken,
+                          flops_per_token_b: FlopsPerToken | None, *, samples: int, seed: int, restarts: int,
+                          full_fit_restarts: int, huber_delta: float, percentiles: tuple[float, float],
+                          fit_a: ParametricFit | None, fit_b: ParametricFit | None
+                          ) -> tuple[list[MultiplierInterval], list[list[float | None]]]:
+    """One interval per loss from one set of resamples (each resample's two refits serve every loss), and each
+    resample's ratios by loss (None: that resample gave none at that loss; left out of `failed` resamples)."""
     f_b = flops_per_token_b or flops_per_token_a
     fit_a, fit_b = (_full_fit(p, given, full_fit_restarts, seed, huber_delta)
                     for p, given in ((points_a, fit_a), (points_b, fit_b)))
-    estimate = compute_multiplier(fit_a, fit_b, loss, flops_per_token_a, f_b)
+    estimates = [compute_multiplier(fit_a, fit_b, loss, flops_per_token_a, f_b) for loss in losses]
     rng = np.random.default_rng(seed)
-    ratios, failed, unreachable, both_unreachable, errors, messages = [], 0, 0, 0, 0, []
+    count = len(losses)
+    ratios = [[] for _ in range(count)]
+    unreachable, both_unreachable, errors = [0] * count, [0] * count, [0] * count
+    messages: list[list[str]] = [[] for _ in range(count)]
+    failed, per_resample = 0, []
     for _ in range(samples):
         refits = [fit_parametric(_resample(p, rng), restarts=restarts, seed=int(rng.integers(2 ** 31)),
                                  huber_delta=huber_delta, starts=[_theta(full)])
@@ -145,28 +213,37 @@ def compute_multiplier_interval(points_a: Sequence[Point], points_b: Sequence[Po
         if not all(r.converged for r in refits):
             failed += 1
             continue
-        c = []
-        try:
-            for refit, f in zip(refits, (flops_per_token_a, f_b)):
-                try:
-                    c.append(compute_for_loss(refit, loss, f))
-                except UnreachableLoss:
-                    c.append(math.inf)
-        except ValueError as e:  # not "unreachable": a failed search, kept out of the interval and reported
-            errors += 1
-            if len(messages) < MAX_ERROR_MESSAGES and str(e) not in messages:
-                messages.append(str(e))
-            continue
-        if math.isinf(c[0]) and math.isinf(c[1]):
-            both_unreachable += 1
-            continue
-        unreachable += any(math.isinf(x) for x in c)
-        ratios.append(c[1] / c[0])
-    if not ratios:
-        raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier: {failed} refits did not "
-                           f"converge, {both_unreachable} reached the loss with neither fit, {errors} failed "
-                           f"({'; '.join(messages[:3])})")
-    low = float(np.percentile(ratios, percentiles[0], method="lower"))
-    high = float(np.percentile(ratios, percentiles[1], method="higher"))
-    return MultiplierInterval(float(loss), estimate, low, high, samples, failed, unreachable, both_unreachable,
-                              errors, messages)
+        row: list[float | None] = []
+        for k, loss in enumerate(losses):
+            c = []
+            try:
+                for refit, f in zip(refits, (flops_per_token_a, f_b)):
+                    try:
+                        c.append(compute_for_loss(refit, loss, f))
+                    except UnreachableLoss:
+                        c.append(math.inf)
+            except ValueError as e:  # not "unreachable": a failed search, kept out of the interval and reported
+                errors[k] += 1
+                if len(messages[k]) < MAX_ERROR_MESSAGES and str(e) not in messages[k]:
+                    messages[k].append(str(e))
+                row.append(None)
+                continue
+            if math.isinf(c[0]) and math.isinf(c[1]):
+                both_unreachable[k] += 1
+                row.append(None)
+                continue
+            unreachable[k] += any(math.isinf(x) for x in c)
+            ratios[k].append(c[1] / c[0])
+            row.append(c[1] / c[0])
+        per_resample.append(row)
+    intervals = []
+    for k, loss in enumerate(losses):
+        if not ratios[k]:
+            raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier at loss {loss:.4g}: {failed} "
+                               f"refits did not converge, {both_unreachable[k]} reached the loss with neither fit, "
+                               f"{errors[k]} failed ({'; '.join(messages[k][:3])})")
+        low = float(np.percentile(ratios[k], percentiles[0], method="lower"))
+        high = float(np.percentile(ratios[k], percentiles[1], method="higher"))
+        intervals.append(MultiplierInterval(float(loss), estimates[k], low, high, samples, failed, unreachable[k],
+                                            both_unreachable[k], errors[k], messages[k]))
+    return intervals, per_resample

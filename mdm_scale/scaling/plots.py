@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mdm_scale.plots import pyplot, save_figure
-from mdm_scale.scaling.frontier import FlopsPerToken, compute_optimal, flops_per_token_from_points
+from mdm_scale.scaling.frontier import FlopsPerToken, MultiplierTrend, compute_optimal, flops_per_token_from_points
 from mdm_scale.scaling.isoflop import group_budgets, isoflop_minimum
 from mdm_scale.scaling.parametric import ParametricFit
 from mdm_scale.scaling.points import Point, by_objective
@@ -25,16 +25,18 @@ class FitPlot:
 
 
 def plot_fit(points: Sequence[Point], fits: Mapping[str, ParametricFit] | None, path, *,
-             flops_per_token: FlopsPerToken | Mapping[str, FlopsPerToken] | None = None, frontier_points: int = 40
-             ) -> FitPlot:
+             flops_per_token: FlopsPerToken | Mapping[str, FlopsPerToken] | None = None, frontier_points: int = 40,
+             trends: Mapping[str, MultiplierTrend] | None = None) -> FitPlot:
     """PNG of two panels: left, IsoFLOP curves (loss against N per budget and objective, with each parabola of
     positive curvature and each usable minimum); right, L_opt(C): the usable IsoFLOP minima and each objective's
     parametric frontier at `frontier_points` budgets from a tenth of its smallest to ten times its largest.
     f(N) per objective: `flops_per_token` (one function or {objective: function}), else from the runs. A frontier
     budget where compute_optimal fails (ValueError: its minimum at an end of the searched N) is left out of the
-    line and listed in FitPlot.omitted."""
+    line and listed in FitPlot.omitted. With `trends` ({"b/a": MultiplierTrend}), a third panel: each compute
+    multiplier against the reference's budget, with its bootstrap interval."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3 if trends else 2, figsize=(18 if trends else 12, 4.8))
+    left, right = axes[0], axes[1]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     omitted = []
     for k, (objective, runs) in enumerate(by_objective(points).items()):
@@ -74,7 +76,20 @@ def plot_fit(points: Sequence[Point], fits: Mapping[str, ParametricFit] | None, 
              title="IsoFLOP profiles (darker = more FLOPs, * = parabola minimum)")
     right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="L_opt (nats/token)",
               title="compute-optimal loss")
-    for ax in (left, right):
+    if trends:
+        third = axes[2]
+        for k, (name, trend) in enumerate(trends.items()):
+            c = np.array(trend.budgets) * 1.04 ** k  # side by side, not on top of each other
+            m = np.array([i.estimate for i in trend.intervals])
+            low = np.array([i.low for i in trend.intervals])
+            high = np.minimum([i.high for i in trend.intervals], 1e6 * m)  # an unbounded end drawn as a long bar
+            g, g_low, g_high = trend.growth_per_decade
+            third.errorbar(c, m, yerr=[m - low, high - m], marker="o", capsize=3,
+                           label=f"{name}: x{g:.2f} per decade [{g_low:.2f}, {g_high:.2f}]")
+        third.axhline(1.0, color="k", lw=0.8, ls="--")
+        third.set(xscale="log", yscale="log", xlabel="reference's budget C (its frontier's loss there)",
+                  ylabel="compute multiplier at equal loss", title="compute multiplier (95 % bootstrap)")
+    for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

@@ -3,7 +3,8 @@ intervals, and each objective's compute multiplier against a reference objective
 frontier.py do the mathematics; plots.py draws fit.png).
 
 The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
-the runs cover, not extrapolated beyond it. A part that cannot be computed (too few runs, too few usable budgets, a
+the runs cover, not extrapolated beyond it; its trend (`multiplier_trends`) at the loss the reference's frontier
+reaches at each of the reference's budgets, with the growth per decade of C between the first and the last. A part that cannot be computed (too few runs, too few usable budgets, a
 loss an objective's fit cannot reach, a frontier outside its searched range) is reported with its reason, never as
 a number: "plot_omitted" lists what fit.png leaves out, and a plot that fails altogether is reported as "plot":
 "unavailable: ..." with fit.json still written. Each objective's parametric fit on all its runs is computed once
@@ -21,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_token_from_points
-from mdm_scale.scaling.isoflop import isoflop_minima, isoflop_scaling
+from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_token_from_points, multiplier_trend
+from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling
 from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point, by_objective
@@ -34,7 +35,7 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
                out: Path | None = None) -> dict:
     """The report as a JSON-able dict; with `out`, also <out>/fit.json and <out>/fit.png."""
     groups = by_objective(points)
-    report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}}
+    report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}, "multiplier_trends": {}}
     fits, per_token = {}, {}
     for objective, runs in groups.items():
         entry: dict = {"runs": len(runs), "isoflop_minima": isoflop_minima(runs)}
@@ -67,11 +68,20 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
                     fit_b=fits[objective])
             except (ValueError, RuntimeError) as e:  # RuntimeError: no resample gave a multiplier
                 report["multipliers"][f"{objective}/{reference}"] = {"loss": loss, "unavailable": str(e)}
+            budgets = [c for c, _ in group_budgets(groups[reference])]
+            try:
+                report["multiplier_trends"][f"{objective}/{reference}"] = multiplier_trend(
+                    groups[reference], groups[objective], budgets, per_token[reference], per_token[objective],
+                    samples=samples, seed=seed, full_fit_restarts=FULL_FIT_RESTARTS, fit_a=fits[reference],
+                    fit_b=fits[objective])
+            except (ValueError, RuntimeError) as e:
+                report["multiplier_trends"][f"{objective}/{reference}"] = {"budgets": budgets, "unavailable": str(e)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if fits:
             try:
-                plot = plot_fit(points, fits, out / "fit.png", flops_per_token=per_token)
+                trends = {k: v for k, v in report["multiplier_trends"].items() if not isinstance(v, dict)}
+                plot = plot_fit(points, fits, out / "fit.png", flops_per_token=per_token, trends=trends)
                 report["plot"], report["plot_omitted"] = plot.path, plot.omitted
             except Exception as e:  # the figure is a view of the numbers: its failure must not cost fit.json
                 report["plot"] = f"unavailable: {type(e).__name__}: {e}"

@@ -13,7 +13,7 @@ import pytest
 
 from mdm_scale.scaling import frontier, parametric
 from mdm_scale.scaling.frontier import (MultiplierInterval, UnreachableLoss, compute_for_loss, compute_multiplier,
-                                        compute_multiplier_interval, compute_optimal)
+                                        compute_multiplier_interval, compute_optimal, multiplier_trend)
 from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, power_law_fit
 from mdm_scale.scaling.parametric import ParametricFit, bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
@@ -214,6 +214,26 @@ def test_compute_multiplier_interval_contains_the_known_factor():
     assert tuple(result) == (result.estimate, result.low, result.high)
 
 
+@pytest.mark.parametrize("law_b", [CONSTRUCTIONS["tokens"][0], shifted(TRUE, beta=0.24)], ids=["constant", "widening"])
+def test_multiplier_trend_recovers_how_the_gap_changes_with_compute(law_b):
+    """At the loss a's true frontier reaches at each budget, the multiplier and its growth per decade of C are those
+    of the true laws: K at every budget (growth 1) when b needs K times the tokens; growing when b's data term
+    decays more slowly (beta 0.24 < 0.28), and then "no change" is excluded."""
+    points_a = synthetic_points(noise=0.003, seed=7)
+    points_b = synthetic_points(law_b, noise=0.003, seed=8, objective="ar")
+    trend = multiplier_trend(points_a, points_b, BUDGETS[::-1], six_n, samples=24, seed=1, restarts=1)
+    losses = [compute_optimal(TRUE, c, six_n)[2] for c in BUDGETS]
+    true = [compute_multiplier(TRUE, law_b, loss, six_n) for loss in losses]
+    growth = (true[-1] / true[0]) ** (1 / math.log10(BUDGETS[-1] / BUDGETS[0]))
+    assert trend.budgets == list(BUDGETS) and trend.losses == pytest.approx(losses, rel=0.01)  # sorted by C
+    for interval, m in zip(trend.intervals, true):
+        assert interval.estimate == pytest.approx(m, rel=0.25) and interval.low <= m <= interval.high
+    assert trend.growth_samples >= 20 and covers(trend.growth_per_decade[1:], growth)
+    assert covers(trend.growth_per_decade[1:], 1.0) == (law_b.beta == TRUE.beta)
+    with pytest.raises(ValueError, match="2 distinct budgets"):
+        multiplier_trend(points_a, points_b, [1e19, 1e19], six_n, samples=2)
+
+
 # ------------------------------------------------------------------------------------- approach 2: IsoFLOP
 def test_isoflop_minima_recover_the_true_optimal_size_exponent():
     """Noise-free runs on windows centred on the 20-tokens-per-parameter heuristic N = sqrt(C / 120), which is
@@ -290,6 +310,12 @@ def test_plot_fit_writes_a_png(tmp_path):
     data = open(plot.path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert plot.omitted == []
+    # with a multiplier trend (one interval unbounded above): a third panel beside the two
+    intervals = [MultiplierInterval(2.5, 3.0, 2.5, 3.5, 8, 0, 0), MultiplierInterval(2.3, 3.1, 2.0, math.inf, 8, 0, 1)]
+    trend = frontier.MultiplierTrend([1e18, 1e21], [2.5, 2.3], intervals, (1.01, 0.9, 1.2), 7)
+    wide = plot_fit(points, {"mdlm": TRUE, "ar": law_b}, tmp_path / "trend.png", trends={"ar/mdlm": trend})
+    width = lambda png: int.from_bytes(open(png, "rb").read()[16:20], "big")  # noqa: E731  (PNG IHDR width)
+    assert width(wide.path) > 1.4 * width(plot.path) and wide.omitted == []
 
 
 # N and D barely pay (exponents 0.05) and tokens pay less than parameters (B << A): below C ~ 1.3e21 (f = 6N) the

@@ -20,6 +20,10 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
     assert key == f"ar/{points[0].objective}"
     multiplier = report["multipliers"][key]
     assert multiplier["estimate"] == pytest.approx(k, rel=0.25) and multiplier["low"] <= k <= multiplier["high"]
+    trend = report["multiplier_trends"][key]  # at each of the reference's 4 budgets; the gap does not change
+    assert trend["budgets"] == pytest.approx([1e18, 1e19, 1e20, 1e21]) and len(trend["intervals"]) == 4
+    assert all(i["low"] <= k <= i["high"] for i in trend["intervals"])
+    assert trend["growth_per_decade"][1] <= 1.0 <= trend["growth_per_decade"][2]
     for entry in report["objectives"].values():
         assert {"isoflop_minima", "isoflop_scaling", "parametric", "bootstrap"} <= set(entry)
     assert json.loads((tmp_path / "fit.json").read_text()) == report
