@@ -42,6 +42,13 @@ class ParametricFit:
         n, d = np.asarray(params, dtype=float), np.asarray(tokens, dtype=float)
         return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
+    def allocation_exponents(self) -> dict[str, float]:
+        """Chinchilla's a = beta / (alpha + beta) and b = alpha / (alpha + beta): N_opt ~ C^a and D_opt ~ C^b,
+        exact when F = k N (approach 3's closed form); with attention and the output layer in F, as at small
+        widths, the frontier's local slopes differ (frontier.compute_optimal computes them exactly)."""
+        total = self.alpha + self.beta
+        return {"n_opt_exponent": self.beta / total, "d_opt_exponent": self.alpha / total}
+
 
 # Chinchilla's initialisation grid over (a, b, e, alpha, beta) and the box L-BFGS-B searches for e, alpha, beta
 # (exponents >= 0: a term that grew with N or D would not be a scaling law).
@@ -153,6 +160,9 @@ class BootstrapResult:
     failed: int
     percentiles: tuple[float, float]
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per parameter (PARAMETERS), and per allocation exponent (ParametricFit.allocation_exponents)."""
+    allocation_exponents: dict[str, float] = field(default_factory=dict)
+    """The full fit's allocation exponents, whose intervals `intervals` holds."""
 
 
 def _resample(points: Sequence[Point], rng: np.random.Generator) -> list[Point]:
@@ -185,11 +195,12 @@ def bootstrap_parametric(points: Sequence[Point], *, samples: int = 200, seed: i
         refit = fit_parametric(_resample(points, rng), restarts=restarts, seed=int(rng.integers(2 ** 31)),
                                huber_delta=huber_delta, starts=[_theta(full)])
         if refit.converged:
-            draws.append([getattr(refit, k) for k in PARAMETERS])
+            draws.append([getattr(refit, k) for k in PARAMETERS] + list(refit.allocation_exponents().values()))
         else:
             failed += 1
     if not draws:
         raise RuntimeError(f"all {samples} bootstrap refits failed to converge")
-    bounds = np.percentile(np.array(draws), percentiles, axis=0)  # [2, 5]
-    intervals = {k: (float(bounds[0, i]), float(bounds[1, i])) for i, k in enumerate(PARAMETERS)}
-    return BootstrapResult(full, samples, failed, tuple(percentiles), intervals)
+    bounds = np.percentile(np.array(draws), percentiles, axis=0)  # [2, 7]
+    names = list(PARAMETERS) + list(full.allocation_exponents())
+    intervals = {k: (float(bounds[0, i]), float(bounds[1, i])) for i, k in enumerate(names)}
+    return BootstrapResult(full, samples, failed, tuple(percentiles), intervals, full.allocation_exponents())

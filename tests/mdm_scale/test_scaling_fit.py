@@ -94,6 +94,11 @@ def test_bootstrap_interval_contains_the_true_law_and_excludes_a_wrong_one():
         assert covers(interval, getattr(TRUE, name)), (name, interval)
         assert not covers(interval, wrong), (name, interval)  # negative control: the interval is informative
         assert covers(interval, getattr(result.fit, name))
+    a = TRUE.beta / (TRUE.alpha + TRUE.beta)  # N_opt ~ C^a (f = 6N): the closed form behind compute_optimal's test
+    assert result.allocation_exponents == pytest.approx({"n_opt_exponent": result.fit.beta / (
+        result.fit.alpha + result.fit.beta), "d_opt_exponent": result.fit.alpha / (result.fit.alpha + result.fit.beta)})
+    assert covers(result.intervals["n_opt_exponent"], a) and covers(result.intervals["d_opt_exponent"], 1 - a)
+    assert not covers(result.intervals["n_opt_exponent"], 0.73)  # it tells a = 0.45 from Kaplan et al.'s 0.73
 
 
 def test_bootstrap_alpha_interval_covers_the_truth_in_most_replications():
