@@ -205,8 +205,8 @@ def markdown_tables(result: dict) -> str:
                      f"| {row['mean']:.3f}{spread} ({row['estimator']}) | {row['stderr']:.3f} | {own} | {minus} "
                      f"| {reach or '-'} | " + " | ".join(generation) + " |")
     if "fraction_of_mdlm_tokens_to_reach_its_final" in summary.get("mdlm", {}):
-        lines += ["", "MDLM's own row in \"MDLM's final reached at\" is the measure's null: its seeds against their own "
-                      "mean, so a seed slower than the mean never reaches it by construction."]
+        lines += ["", "MDLM's own row in \"MDLM's final reached at\" is the measure's null: its seeds against their "
+                      "own mean, so a seed slower than the mean never reaches it by construction."]
     orders = [r for r in result["runs"] if r.get("order")]
     if orders:
         lines += ["", "| run | Spearman(mean reveal time, position) | reveal-time spread "

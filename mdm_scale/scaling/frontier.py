@@ -7,8 +7,9 @@ spend different FLOPs per token.
 Compute-optimal frontier (`compute_optimal`): L_opt(C) = min_N L(N, C / f(N)), minimised numerically over log N.
 Compute multiplier (`compute_multiplier`): C_b(L) / C_a(L), where C_x(L) solves L_opt_x(C) = L; it exists only for
 L > E_x. Its trend (`multiplier_trend`): the multiplier at the loss a reaches at each of its budgets, and its
-growth per decade of C, all with bootstrap intervals: whether b's gap to a widens or narrows with compute. A loss no compute reaches raises `UnreachableLoss`; every other ValueError (a frontier at the end of its
-searched range, a loss reached below the smallest C searched) is a failure of the search, never "unreachable".
+growth per decade of C, all with bootstrap intervals: whether b's gap to a widens or narrows with compute.
+A loss no compute reaches raises `UnreachableLoss`; every other ValueError (a frontier at the end of its searched
+range, a loss reached below the smallest C searched) is a failure of the search, never "unreachable".
 """
 
 from __future__ import annotations
