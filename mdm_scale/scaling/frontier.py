@@ -203,7 +203,6 @@ def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per
     estimates = [compute_multiplier(fit_a, fit_b, loss, flops_per_token_a, f_b) for loss in losses]
     rng = np.random.default_rng(seed)
     count = len(losses)
-    ratios = [[] for _ in range(count)]
     unreachable, both_unreachable, errors = [0] * count, [0] * count, [0] * count
     messages: list[list[str]] = [[] for _ in range(count)]
     failed, per_resample = 0, []
@@ -234,17 +233,17 @@ def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per
                 row.append(None)
                 continue
             unreachable[k] += any(math.isinf(x) for x in c)
-            ratios[k].append(c[1] / c[0])
             row.append(c[1] / c[0])
         per_resample.append(row)
     intervals = []
     for k, loss in enumerate(losses):
-        if not ratios[k]:
+        ratios = [row[k] for row in per_resample if row[k] is not None]
+        if not ratios:
             raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier at loss {loss:.4g}: {failed} "
                                f"refits did not converge, {both_unreachable[k]} reached the loss with neither fit, "
                                f"{errors[k]} failed ({'; '.join(messages[k][:3])})")
-        low = float(np.percentile(ratios[k], percentiles[0], method="lower"))
-        high = float(np.percentile(ratios[k], percentiles[1], method="higher"))
+        low = float(np.percentile(ratios, percentiles[0], method="lower"))
+        high = float(np.percentile(ratios, percentiles[1], method="higher"))
         intervals.append(MultiplierInterval(float(loss), estimates[k], low, high, samples, failed, unreachable[k],
                                             both_unreachable[k], errors[k], messages[k]))
     return intervals, per_resample
