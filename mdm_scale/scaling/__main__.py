@@ -5,6 +5,7 @@
     python -m mdm_scale.scaling plan ... --local [--workers 2]         # and runs them here (resumable)
     python -m mdm_scale.scaling plan ... --slurm "--nodes 1 --gpus-per-node 1" [--dry-run]   # one job array
     python -m mdm_scale.scaling fit runs/scaling/*/ --out docs/results/scaling
+    python -m mdm_scale.scaling fit --points docs/results/scaling/points.json   # refit from a fit's saved input
 """
 
 from __future__ import annotations
@@ -57,9 +58,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _fit(args: argparse.Namespace) -> int:
     from mdm_scale.scaling.collect import RunReadError, point_of
+    from mdm_scale.scaling.points import read_points
     from mdm_scale.scaling.report import fit_report
 
+    if not args.run_dirs and not args.points:
+        print("error: give run directories, --points files, or both", file=sys.stderr)
+        return 2
     points, skipped = [], []
+    for path in args.points:
+        try:
+            points.extend(read_points(Path(path)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for run_dir in args.run_dirs:
         try:
             points.append(point_of(Path(run_dir)))
@@ -101,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script only")
     plan.add_argument("overrides", nargs="*", help="key=value overrides applied to every point")
     fit = sub.add_parser("fit", help="fit IsoFLOP minima and the parametric law to finished runs")
-    fit.add_argument("run_dirs", nargs="+")
+    fit.add_argument("run_dirs", nargs="*", help="finished run directories")
+    fit.add_argument("--points", nargs="+", default=[], metavar="JSON",
+                     help="points.json files an earlier `fit --out` wrote (pooled with the run directories)")
     fit.add_argument("--out", default=None, help="directory for fit.json and fit.png")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the runs")
     fit.add_argument("--reference", default="mdlm", help="objective the compute multipliers are relative to")

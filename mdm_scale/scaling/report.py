@@ -26,14 +26,15 @@ from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_to
 from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling
 from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
-from mdm_scale.scaling.points import Point, by_objective
+from mdm_scale.scaling.points import Point, by_objective, write_points
 
 FULL_FIT_RESTARTS = 32  # L-BFGS-B starts of each objective's fit on all its runs
 
 
 def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, reference: str = "mdlm",
                out: Path | None = None) -> dict:
-    """The report as a JSON-able dict; with `out`, also <out>/fit.json and <out>/fit.png."""
+    """The report as a JSON-able dict; with `out`, also <out>/fit.json, <out>/fit.png and <out>/points.json (the
+    fit's input, which `fit --points` reads back)."""
     groups = by_objective(points)
     report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}, "multiplier_trends": {}}
     fits, per_token = {}, {}
@@ -78,6 +79,7 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
                 report["multiplier_trends"][f"{objective}/{reference}"] = {"budgets": budgets, "unavailable": str(e)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        write_points(points, out / "points.json")
         if fits:
             try:
                 trends = {k: v for k, v in report["multiplier_trends"].items() if not isinstance(v, dict)}

@@ -51,3 +51,26 @@ def test_report_is_written_when_the_plot_fails(tmp_path, monkeypatch):
     assert report["plot"] == "unavailable: RuntimeError: no display" and "plot_omitted" not in report
     assert json.loads((tmp_path / "fit.json").read_text()) == report
     assert report["objectives"]["mdlm"]["parametric"]["converged"] is True
+
+
+def test_a_fit_can_be_redone_from_its_points_json_alone(tmp_path, capsys):
+    """`fit --out` saves its input; `fit --points` on that file (no run directories left) gives the same report,
+    and a file that is not one is refused with one line."""
+    from mdm_scale.scaling.__main__ import main
+    from mdm_scale.scaling.points import read_points
+
+    points = synthetic_points(noise=0.003, seed=7)
+    first = fit_report(points, samples=4, out=tmp_path / "first")
+    assert read_points(tmp_path / "first" / "points.json") == points
+    assert main(["fit", "--points", str(tmp_path / "first" / "points.json"), "--bootstrap", "4",
+                 "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "fit.json").read_text())
+    assert {k: v for k, v in again.items() if k != "plot"} == {k: v for k, v in first.items() if k != "plot"}
+    capsys.readouterr()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"objective": "mdlm", "params": 1e6, "tokens": 1e9, "flops": 6e15, "loss": -1.0}]))
+    assert main(["fit", "--points", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.json" in err and "loss=-1.0" in err
+    assert main(["fit"]) == 2 and "run directories, --points files" in capsys.readouterr().err
