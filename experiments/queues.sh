@@ -22,7 +22,7 @@ REQUIRED_B="ar:0 lomdm_paper:1 mdlm:1 mdm_ls:0 lomdm:0"
 OPTIONAL_A="lomdm:1 ar:1"
 OPTIONAL_B="mdm_ls:1 lomdm:2 ar:2 mdm_ls:2"
 SCALING="scripts/in_venv.sh python -m mdm_scale.scaling plan --config char_lm --objectives mdlm ar lomdm_paper \
---budgets 3e12 1e13 3e13 1e14 --depths 1 2 3 4 5 --shapes 1x32 1x128 --out runs/scaling_char --local \
+--budgets 3e12 1e13 3e13 --depths 1 2 3 4 5 --shapes 1x32 1x128 --out runs/scaling_char --local \
 data.micro_batch_size=8"
 TRAINING="launchers/local.py config="
 
