@@ -2,7 +2,8 @@
 
 N, D and C are recomputed from the run's own config.yaml and its final checkpoint's step with the planner's
 formula (mdm_scale/flops.py). A run still short of its train.steps is refused: its learning rate has not annealed,
-so its loss is not the one its tokens buy (Chinchilla fits each point at the end of its own schedule). The loss is the held-out NELBO (nats per token) the run logged at that step, the unbiased order form for a learned
+so its loss is not the one its tokens buy (Chinchilla fits each point at the end of its own schedule). The loss is
+the held-out NELBO (nats per token) the run logged at that step, the unbiased order form for a learned
 schedule trained with the time form (mdm_scale.evaluation.truncation_biased); a run without it is refused by name.
 """
 
@@ -55,6 +56,7 @@ def point_of(run_dir: Path) -> Point:
     m = cfg.model
     tokens = step * cfg.data.micro_batch_size * cfg.data.grad_accumulation * cfg.data.seq_len
     return Point(objective=objective_name(cfg, run_dir),
-                 params=float(non_embedding_params(m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size)),
+                 params=float(non_embedding_params(m.num_layers, m.hidden_size,
+                                                   m.ffn_hidden_size or 4 * m.hidden_size)),
                  tokens=float(tokens), flops=training_flops_per_token(cfg, vocab) * tokens, loss=float(evals[step]),
                  run_dir=str(run_dir))

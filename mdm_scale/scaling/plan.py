@@ -168,5 +168,6 @@ def format_grid(points: list[GridPoint]) -> str:
             "FLOPs / C |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         rows.append(f"| {p.objective} | {p.budget:.2e} | {p.num_layers} x {p.hidden_size} | {p.params:,} | "
-                    f"{p.flops_per_token:.3e} | {p.steps:,} | {p.tokens:,} | {p.epochs:.2f} | {p.flops / p.budget:.4f} |")
+                    f"{p.flops_per_token:.3e} | {p.steps:,} | {p.tokens:,} | {p.epochs:.2f} | "
+                    f"{p.flops / p.budget:.4f} |")
     return "\n".join(rows)
