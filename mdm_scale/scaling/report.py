@@ -4,12 +4,13 @@ frontier.py do the mathematics; plots.py draws fit.png).
 
 The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
 the runs cover, not extrapolated beyond it; its trend (`multiplier_trends`) at the loss the reference's frontier
-reaches at each of the reference's budgets, with the growth per decade of C between the first and the last. A part that cannot be computed (too few runs, too few usable budgets, a
-loss an objective's fit cannot reach, a frontier outside its searched range) is reported with its reason, never as
-a number: "plot_omitted" lists what fit.png leaves out, and a plot that fails altogether is reported as "plot":
-"unavailable: ..." with fit.json still written. Each objective's parametric fit on all its runs is computed once
-and shared by its bootstrap and the multipliers. fit.json is strict JSON (`to_json`): a non-finite number, such as
-an unbounded multiplier interval, is written as a string, not null.
+reaches at each of the reference's budgets, with the growth per decade of C between the first and the last. A part
+that cannot be computed (too few runs, too few usable budgets, a loss an objective's fit cannot reach, a frontier
+outside its searched range) is reported with its reason, never as a number: "plot_omitted" lists what fit.png leaves
+out, and a plot that fails altogether is reported as "plot": "unavailable: ..." with fit.json still written. Each
+objective's parametric fit on all its runs is computed once and shared by its bootstrap and the multipliers.
+fit.json is strict JSON (`to_json`): a non-finite number, such as an unbounded multiplier interval, is written as a
+string, not null.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_sca
 from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point, by_objective, write_points
+from mdm_scale.scaling.summary import summary_markdown
 
 FULL_FIT_RESTARTS = 32  # L-BFGS-B starts of each objective's fit on all its runs
 
 
 def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, reference: str = "mdlm",
                out: Path | None = None) -> dict:
-    """The report as a JSON-able dict; with `out`, also <out>/fit.json, <out>/fit.png and <out>/points.json (the
-    fit's input, which `fit --points` reads back)."""
+    """The report as a JSON-able dict; with `out`, also <out>/fit.json, its tables <out>/fit.md, <out>/fit.png and
+    <out>/points.json (the fit's input, which `fit --points` reads back)."""
     groups = by_objective(points)
     report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}, "multiplier_trends": {}}
     fits, per_token = {}, {}
@@ -92,6 +94,7 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
     result = json.loads(to_json(report))
     if out is not None:
         (out / "fit.json").write_text(json.dumps(result, indent=1))
+        (out / "fit.md").write_text(summary_markdown(result))
     return result
 
 

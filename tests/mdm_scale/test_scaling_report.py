@@ -9,6 +9,7 @@ import pytest
 
 from mdm_scale.scaling import report as report_module
 from mdm_scale.scaling.report import fit_report
+from mdm_scale.scaling.summary import summary_markdown
 from tests.mdm_scale.test_scaling_fit import CONSTRUCTIONS, FLAT_IN_N, synthetic_points
 
 
@@ -28,6 +29,17 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
         assert {"isoflop_minima", "isoflop_scaling", "parametric", "bootstrap"} <= set(entry)
     assert json.loads((tmp_path / "fit.json").read_text()) == report
     assert (tmp_path / "fit.png").stat().st_size > 10_000
+    # fit.md: the same numbers as tables, one row per quantity, from fit.json alone
+    text = (tmp_path / "fit.md").read_text()
+    assert text == summary_markdown(json.loads((tmp_path / "fit.json").read_text()))
+    alpha = report["objectives"]["ar"]["parametric"]["alpha"]
+    low, high = report["objectives"]["ar"]["bootstrap"]["intervals"]["alpha"]
+    assert f"| alpha | {alpha:.3g} | [{low:.3g}, {high:.3g}] |" in text
+    assert text.count("| a: N_opt ~ C^a |") == 2 and text.count("| b: D_opt ~ C^b |") == 2
+    row = f"| {key} | {multiplier['loss']:.4g} | {multiplier['estimate']:.3g} | "
+    assert row in text and text.count("| 1e+") >= 2 * 4 + 4  # 4 minima per objective, 4 trend budgets
+    g = trend["growth_per_decade"]
+    assert f"g = {g[0]:.3g} [{g[1]:.3g}, {g[2]:.3g}]" in text
 
 
 def test_report_names_what_its_plot_leaves_out(tmp_path):

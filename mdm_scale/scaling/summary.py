@@ -1,0 +1,94 @@
+"""fit.json as the tables a reader wants first (fit.md): per objective the parametric law and its allocation
+exponents with their bootstrap intervals, the IsoFLOP minima and their power laws in C, then each compute
+multiplier and its trend with compute.
+
+It reads the JSON-able report (fit.json as written, "inf" for an infinite interval end), so a saved fit.json can be
+rendered again without refitting: `summary_markdown(json.loads(Path("fit.json").read_text()))`.
+"""
+
+from __future__ import annotations
+
+
+def _num(value, digits: int = 3) -> str:
+    if isinstance(value, str):  # "inf" / "-inf" / "nan" as to_json writes them
+        return value
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _interval(low, high, digits: int = 3) -> str:
+    return f"[{_num(low, digits)}, {_num(high, digits)}]"
+
+
+def _objective_tables(name: str, entry: dict) -> list[str]:
+    lines = [f"### {name} ({entry['runs']} runs)", ""]
+    fit, boot = entry.get("parametric", {}), entry.get("bootstrap", {})
+    if "unavailable" in fit:
+        lines += [f"Parametric law: unavailable ({fit['unavailable']})", ""]
+    else:
+        intervals = boot.get("intervals", {}) if "unavailable" not in boot else {}
+        header = "L(N, D) = E + A / N^alpha + B / D^beta (Huber fit"
+        if intervals:
+            header += f"; {boot['percentiles'][0]}-{boot['percentiles'][1]} % bootstrap intervals over runs, " \
+                      f"{boot['samples'] - boot['failed']} of {boot['samples']} resamples converged)"
+        else:
+            header += f"; no bootstrap: {boot.get('unavailable', 'not run')})"
+        lines += [header + ":", "", "| | estimate | interval |", "|---|---|---|"]
+        values = dict(fit)
+        values.update(boot.get("allocation_exponents", {}))
+        labels = {"E": "E", "A": "A", "B": "B", "alpha": "alpha", "beta": "beta",
+                  "n_opt_exponent": "a: N_opt ~ C^a", "d_opt_exponent": "b: D_opt ~ C^b"}
+        for key, label in labels.items():
+            if key in values:
+                low_high = _interval(*intervals[key]) if key in intervals else "-"
+                lines.append(f"| {label} | {_num(values[key])} | {low_high} |")
+        lines.append("")
+    minima = entry.get("isoflop_minima", [])
+    if minima:
+        lines += ["IsoFLOP minima (parabola in log N through each budget's runs):", "",
+                  "| C | runs | N_opt | D_opt | L_opt | |", "|---|---|---|---|---|---|"]
+        for m in minima:
+            if m["usable"]:
+                lines.append(f"| {_num(m['flops'])} | {m['num_runs']} | {_num(m['n_opt'])} | {_num(m['d_opt'])} | "
+                             f"{_num(m['l_opt'], 4)} | |")
+            else:
+                lines.append(f"| {_num(m['flops'])} | {m['num_runs']} | - | - | - | {m['reason']} |")
+        lines.append("")
+    scaling = entry.get("isoflop_scaling", {})
+    if "unavailable" in scaling:
+        lines += [f"IsoFLOP power laws: unavailable ({scaling['unavailable']})", ""]
+    elif scaling:
+        laws = ", ".join(f"{k} ~ C^{_num(scaling[k]['exponent'])}" for k in ("n_opt", "d_opt", "l_opt"))
+        lines += [f"IsoFLOP power laws over {len(scaling['budgets'])} budgets (no intervals): {laws}", ""]
+    return lines
+
+
+def summary_markdown(report: dict) -> str:
+    lines = [f"# Scaling fit: {report['runs']} runs", ""]
+    for name, entry in report["objectives"].items():
+        lines += _objective_tables(name, entry)
+    if report.get("multipliers"):
+        lines += ["### Compute multipliers at equal loss (C_b / C_a on the compute-optimal frontiers)", "",
+                  "| b / a | loss | multiplier | interval | resamples: failed / one unreachable / none / errors |",
+                  "|---|---|---|---|---|"]
+        for key, m in report["multipliers"].items():
+            if "unavailable" in m:
+                lines.append(f"| {key} | {_num(m['loss'], 4)} | - | - | unavailable: {m['unavailable']} |")
+            else:
+                lines.append(f"| {key} | {_num(m['loss'], 4)} | {_num(m['estimate'])} | "
+                             f"{_interval(m['low'], m['high'])} | {m['failed']} / {m['unreachable']} / "
+                             f"{m['both_unreachable']} / {m['errors']} of {m['samples']} |")
+        lines.append("")
+    for key, trend in report.get("multiplier_trends", {}).items():
+        if "unavailable" in trend:
+            lines += [f"### {key} across budgets: unavailable ({trend['unavailable']})", ""]
+            continue
+        g, g_low, g_high = trend["growth_per_decade"]
+        lines += [f"### {key} across budgets (at the reference's compute-optimal loss at each budget)", "",
+                  "| C | loss | multiplier | interval |", "|---|---|---|---|"]
+        for c, loss, m in zip(trend["budgets"], trend["losses"], trend["intervals"]):
+            lines.append(f"| {_num(c)} | {_num(loss, 4)} | {_num(m['estimate'])} | {_interval(m['low'], m['high'])} |")
+        lines += ["", f"Growth per decade of C: g = {_num(g)} {_interval(g_low, g_high)} ({trend['growth_samples']} "
+                      f"resamples with a multiplier at both ends; g > 1: the multiplier grows with C)", ""]
+    return "\n".join(lines)
