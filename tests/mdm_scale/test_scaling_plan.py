@@ -43,14 +43,16 @@ def test_explicit_shapes_join_the_depth_rule_by_size_and_stay_on_budget():
 
 def test_flops_per_token_counts_lomdm_papers_two_draws_clean_pass_and_scheduler_layers():
     """F = R F_row + F_clean + (1 + R) F_sched (mdm_scale/flops.py), by hand for 2 x 128, s = 256, V = 257."""
-    L, h, f, s, V = 2, 128, 512, 256, 257
+    L, h, f, s, V, m = 2, 128, 512, 256, 257, 96
     cfg = {o: load_config("char_lm", [f"objective={o}", f"model.num_layers={L}", f"model.hidden_size={h}",
-                                      "model.num_attention_heads=2"]) for o in ("mdlm", "lomdm", "lomdm_paper")}
+                                      "model.num_attention_heads=2", f"model.scheduler_head_size={m}"])
+           for o in ("mdlm", "lomdm", "lomdm_paper")}
     row = 6 * (L * (4 * h * h + 2 * h * f) + h * V) + 12 * L * h * s
     clean = 2 * L * (4 * h * h + 2 * h * f) + 4 * L * h * s
-    sched = 6 * (4 * h * h + 2 * h * f) + 12 * h * s
+    mlp = 6 * (h * m + m)  # each scheduler's h -> m -> 1 MLP
+    sched = 6 * (4 * h * h + 2 * h * f) + 12 * h * s + mlp
     assert training_flops_per_token(cfg["mdlm"], V) == row == flops_per_token(L, h, f, V, s, clean_pass=False)
-    assert training_flops_per_token(cfg["lomdm"], V) == row + clean  # MLP scheduler heads: not counted
+    assert training_flops_per_token(cfg["lomdm"], V) == row + clean + 2 * mlp  # MLP heads only, one row
     assert training_flops_per_token(cfg["lomdm_paper"], V) == 2 * row + clean + 3 * sched
     assert non_embedding_params(L, h, f) == 12 * L * h * h
 
