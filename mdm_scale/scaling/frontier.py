@@ -63,9 +63,11 @@ def compute_optimal(fit: ParametricFit, flops: float, flops_per_token: FlopsPerT
 
 def compute_for_loss(fit: ParametricFit, loss: float, flops_per_token: FlopsPerToken, *,
                      flops_range: tuple[float, float] = (1e6, 1e40)) -> float:
-    """The FLOPs at which the compute-optimal frontier reaches `loss` (brentq in log C). UnreachableLoss if the
-    loss is at or below E or the frontier is still above it at flops_range[1]; ValueError if the loss is reached
-    below flops_range[0] or compute_optimal fails (its minimum at an end of the searched N)."""
+    """The FLOPs at which the compute-optimal frontier reaches `loss` (brentq in log C). The search starts at the
+    first decade from flops_range[0] up at which the frontier has an interior optimum: at tiny C a law's N_opt can
+    fall below one parameter (sooner when f(N) grows slower than N, as at small widths), which is outside the law's
+    domain, not a failure. UnreachableLoss if the loss is at or below E or the frontier is still above it at
+    flops_range[1]; ValueError if the loss is reached below that start or compute_optimal fails at every decade."""
     if loss <= fit.E:
         raise UnreachableLoss(f"loss {loss:.6g} is at or below the fit's irreducible loss E={fit.E:.6g}: "
                               f"no amount of compute reaches it")
@@ -74,12 +76,20 @@ def compute_for_loss(fit: ParametricFit, loss: float, flops_per_token: FlopsPerT
         return compute_optimal(fit, math.exp(log_c), flops_per_token)[2] - loss
 
     low, high = (math.log(c) for c in flops_range)
-    gap_low, gap_high = gap(low), gap(high)
+    gap_high = gap(high)
     if gap_high > 0:
         raise UnreachableLoss(f"loss {loss:.6g} is not reached by C={flops_range[1]:.3g} (frontier there "
                               f"{gap_high + loss:.6g}, E={fit.E:.6g})")
+    while True:  # the first decade whose frontier has an interior optimum
+        try:
+            gap_low = gap(low)
+            break
+        except ValueError:
+            if low + math.log(10) >= high:
+                raise
+            low += math.log(10)
     if gap_low < 0:
-        raise ValueError(f"loss {loss:.6g} is reached below C={flops_range[0]:.3g} (frontier there "
+        raise ValueError(f"loss {loss:.6g} is reached below C={math.exp(low):.3g} (frontier there "
                          f"{gap_low + loss:.6g}): widen flops_range")
     return math.exp(brentq(gap, low, high, xtol=1e-12, rtol=1e-12))
 

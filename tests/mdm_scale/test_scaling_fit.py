@@ -157,6 +157,23 @@ def test_compute_for_loss_tells_an_unreachable_loss_from_a_failed_search():
     assert not isinstance(failure.value, UnreachableLoss)
 
 
+def test_compute_for_loss_starts_where_the_frontier_has_an_interior_optimum():
+    """A law fitted at small widths (small A, f(N) ~ N^0.6): below C ~ 1e9 its N_opt falls under one parameter, the
+    end of compute_optimal's range. The search starts at the first decade with an interior optimum instead of
+    failing at C = 1e6, and finds the C whose frontier loss is the target."""
+    law = ParametricFit(E=0.5, A=3.0, B=60.0, alpha=0.1, beta=0.3)
+
+    def f(n):
+        return 2.2e5 * (n / 1.2e4) ** 0.6
+
+    with pytest.raises(ValueError, match="end of the searched range"):
+        compute_optimal(law, 1e8, f)
+    c = compute_for_loss(law, 2.5, f)
+    assert compute_optimal(law, c, f)[2] == pytest.approx(2.5, abs=1e-9) and 1e11 < c < 1e12
+    with pytest.raises(ValueError, match=r"reached below C=1e\+09"):  # the frontier starts below 4.3 there
+        compute_for_loss(law, 4.3, f)
+
+
 @pytest.mark.parametrize("error", [ValueError, UnreachableLoss])
 def test_multiplier_interval_keeps_failed_searches_apart_from_unreachable_losses(monkeypatch, error):
     """b's compute_for_loss fails in every other resample (after the estimate): a failed search (ValueError, e.g.
