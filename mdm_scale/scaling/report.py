@@ -94,7 +94,7 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
     result = json.loads(to_json(report))
     if out is not None:
         (out / "fit.json").write_text(json.dumps(result, indent=1))
-        (out / "fit.md").write_text(summary_markdown(result))
+        (out / "fit.md").write_text(summary_markdown(result, points))
     return result
 
 

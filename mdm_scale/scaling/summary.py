@@ -3,10 +3,16 @@ exponents with their bootstrap intervals, the IsoFLOP minima and their power law
 multiplier and its trend with compute.
 
 It reads the JSON-able report (fit.json as written, "inf" for an infinite interval end), so a saved fit.json can be
-rendered again without refitting: `summary_markdown(json.loads(Path("fit.json").read_text()))`.
+rendered again without refitting: `summary_markdown(json.loads(Path("fit.json").read_text()))`; given the points
+too (points.json), it opens each objective with its runs' losses by budget and size, the IsoFLOP profiles.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
+
+from mdm_scale.scaling.isoflop import group_budgets
+from mdm_scale.scaling.points import Point, by_objective
 
 
 def _num(value, digits: int = 3) -> str:
@@ -21,8 +27,21 @@ def _interval(low, high, digits: int = 3) -> str:
     return f"[{_num(low, digits)}, {_num(high, digits)}]"
 
 
-def _objective_tables(name: str, entry: dict) -> list[str]:
+def _profiles(points: Sequence[Point]) -> list[str]:
+    """Held-out loss by budget (rows, grouped as the IsoFLOP fit groups them) and N (columns); - : no run."""
+    sizes = sorted({p.params for p in points})
+    lines = ["Held-out loss (nats/token) by budget and non-embedding N:", "",
+             "| C \\ N | " + " | ".join(_num(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for flops, runs in group_budgets(points):
+        loss = {p.params: p.loss for p in runs}
+        lines.append(f"| {_num(flops)} | " + " | ".join(_num(loss.get(n), 4) for n in sizes) + " |")
+    return lines + [""]
+
+
+def _objective_tables(name: str, entry: dict, points: Sequence[Point] = ()) -> list[str]:
     lines = [f"### {name} ({entry['runs']} runs)", ""]
+    if points:
+        lines += _profiles(points)
     fit, boot = entry.get("parametric", {}), entry.get("bootstrap", {})
     if "unavailable" in fit:
         lines += [f"Parametric law: unavailable ({fit['unavailable']})", ""]
@@ -64,10 +83,11 @@ def _objective_tables(name: str, entry: dict) -> list[str]:
     return lines
 
 
-def summary_markdown(report: dict) -> str:
+def summary_markdown(report: dict, points: Sequence[Point] = ()) -> str:
     lines = [f"# Scaling fit: {report['runs']} runs", ""]
+    groups = by_objective(points)
     for name, entry in report["objectives"].items():
-        lines += _objective_tables(name, entry)
+        lines += _objective_tables(name, entry, groups.get(name, ()))
     if report.get("multipliers"):
         lines += ["### Compute multipliers at equal loss (C_b / C_a on the compute-optimal frontiers)", "",
                   "| b / a | loss | multiplier | interval | resamples: failed / one unreachable / none / errors |",

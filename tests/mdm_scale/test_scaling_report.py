@@ -29,9 +29,12 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
         assert {"isoflop_minima", "isoflop_scaling", "parametric", "bootstrap"} <= set(entry)
     assert json.loads((tmp_path / "fit.json").read_text()) == report
     assert (tmp_path / "fit.png").stat().st_size > 10_000
-    # fit.md: the same numbers as tables, one row per quantity, from fit.json alone
+    # fit.md: the same numbers as tables, one row per quantity, from fit.json and points.json alone
     text = (tmp_path / "fit.md").read_text()
-    assert text == summary_markdown(json.loads((tmp_path / "fit.json").read_text()))
+    assert text == summary_markdown(json.loads((tmp_path / "fit.json").read_text()), points)
+    ar = sorted((p for p in points if p.objective == "ar"), key=lambda p: (p.flops, p.params))
+    first_row = f"| {ar[0].flops:.3g} | " + " | ".join(f"{p.loss:.4g}" for p in ar[:4]) + " |"
+    assert first_row.replace(f"{ar[0].flops:.3g}", "1e+18") in text  # the 4 sizes of the smallest budget
     alpha = report["objectives"]["ar"]["parametric"]["alpha"]
     low, high = report["objectives"]["ar"]["bootstrap"]["intervals"]["alpha"]
     assert f"| alpha | {alpha:.3g} | [{low:.3g}, {high:.3g}] |" in text
