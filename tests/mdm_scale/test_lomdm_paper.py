@@ -273,7 +273,9 @@ def test_scheduler_layers_tensor_parallel_match_one_rank():
             if g_ref is None:
                 assert tp[0]["grads"][name] is None, name
                 continue
-            tolerance = 2e-5 * g_ref.abs().max().item() + 1e-7 * overall  # fp32 sums in another order
+            # fp32 sums in another order: up to 9e-5 of a tensor's largest entry on an AVX-512 AMD EPYC (the
+            # schedulers' first layers, whose gradients sum over every position); a TP bug is off by O(1)
+            tolerance = 2e-4 * g_ref.abs().max().item() + 1e-7 * overall
             assert (tp[0]["grads"][name] - g_ref).abs().max().item() <= tolerance, (objective, name)
             assert torch.equal(tp[1]["grads"][name], tp[0]["grads"][name]), (objective, name)
             checked += ".layers.0." in name and "scheduler_heads" in name and g_ref.abs().max() > 0
