@@ -65,17 +65,26 @@ def _fit(args: argparse.Namespace) -> int:
         print("error: give run directories, --points files, or both", file=sys.stderr)
         return 2
     points, skipped = [], []
-    for path in args.points:
-        try:
-            points.extend(read_points(Path(path)))
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    for run_dir in args.run_dirs:
+    for run_dir in args.run_dirs:  # first: a run read from its directory wins over a saved copy of it
         try:
             points.append(point_of(Path(run_dir)))
         except RunReadError as e:
             skipped.append(str(e))
+    seen = {Path(p.run_dir).as_posix() for p in points}
+    for path in args.points:
+        try:
+            saved = read_points(Path(path))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for point in saved:  # pooling must not count a run twice
+            key = Path(point.run_dir).as_posix() if point.run_dir else None
+            if key in seen:
+                skipped.append(f"{path}: {point.run_dir} is already read (its run directory or an earlier file)")
+                continue
+            if key:
+                seen.add(key)
+            points.append(point)
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
     if not points:

@@ -83,6 +83,18 @@ def test_a_fit_can_be_redone_from_its_points_json_alone(tmp_path, capsys):
     assert {k: v for k, v in again.items() if k != "plot"} == {k: v for k, v in first.items() if k != "plot"}
     capsys.readouterr()
 
+    # pooled files (or run directories) that hold the same run count it once, and say so
+    import dataclasses
+
+    from mdm_scale.scaling.points import write_points
+    named = [dataclasses.replace(p, run_dir=f"runs/grid/run{i}") for i, p in enumerate(points)]
+    write_points(named, tmp_path / "named.json")
+    write_points(named[:3], tmp_path / "three.json")
+    assert main(["fit", "--points", str(tmp_path / "named.json"), str(tmp_path / "three.json"), "--bootstrap", "4",
+                 "--out", str(tmp_path / "pooled")]) == 0
+    assert read_points(tmp_path / "pooled" / "points.json") == named
+    assert capsys.readouterr().err.count("is already read") == 3
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"objective": "mdlm", "params": 1e6, "tokens": 1e9, "flops": 6e15, "loss": -1.0}]))
     assert main(["fit", "--points", str(bad)]) == 2
