@@ -48,10 +48,9 @@ def training_flops_per_token(cfg: RunConfig, vocab: int) -> float:
     rows = 2 if objective.mask_pairs == "mirror" or objective.score_baseline == "two_draw" else 1
     clean = objective.schedule.kind == "lomdm"
     flops = rows * flops_per_token(m.num_layers, h, f, vocab, s, clean_pass=False)
-    if clean:
+    if clean:  # a LoMDM schedule: the clean pass, the forward scheduler on its features, the backward one per row
         flops += flops_per_token(m.num_layers, h, f, vocab, s, clean_pass=True) - flops_per_token(
             m.num_layers, h, f, vocab, s, clean_pass=False)
-    if clean:  # a LoMDM schedule: the forward scheduler on the clean features, the backward one on every row
-        k, m = objective.schedule.scheduler_layers, cfg.model.scheduler_head_size
-        flops += (1 + rows) * (6 * k * (4 * h * h + 2 * h * f) + 12 * k * h * s + 6 * (h * m + m))
+        k, head = objective.schedule.scheduler_layers, m.scheduler_head_size
+        flops += (1 + rows) * (6 * k * (4 * h * h + 2 * h * f) + 12 * k * h * s + 6 * (h * head + head))
     return float(flops)

@@ -2,16 +2,15 @@
 
 Sizes follow a depth rule (Kaplan et al.'s fixed aspect ratio): depth L gives hidden h = aspect * L (a multiple of
 the head width 64), heads h / 64, FFN 4h. Explicit shapes ("LxH") add sizes between the rule's, which grow as L^3
-(an 8x step from depth 1 to 2 is too coarse for a parabola whose minimum falls there). A point's training tokens
-are D = C / F(model, objective), with F the project's FLOPs per data token (mdm_scale/flops.py: LoMDM's clean
-pass, the paper's two draws and its scheduler layers included), so objectives are compared at equal compute,
-not equal tokens. D is rounded to whole optimizer steps of the base config's batch; a point needs at least
-`min_steps` steps (fewer would be mostly warm-up) and is dropped with its reason otherwise. A point that would read
-its training split more than `max_epochs` times is dropped too: repeated data is worth less than fresh data
-beyond ~4 epochs (Muennighoff et al. 2023, "Scaling
-Data-Constrained Language Models"), which would bend the fitted law by the data, not by the model. Warm-up is the
-base config's, capped at a tenth of the steps; the cosine runs over the point's own steps (Chinchilla: a schedule
-matched to each run's length).
+(an 8x step from depth 1 to 2 is too coarse for a parabola whose minimum falls there). A point's training tokens are
+D = C / F(model, objective), with F the project's FLOPs per data token (mdm_scale/flops.py: LoMDM's clean pass, the
+paper's two draws and its scheduler layers included), so objectives are compared at equal compute, not equal tokens.
+D is rounded to whole optimizer steps of the base config's batch; a point needs at least `min_steps` steps (fewer
+would be mostly warm-up) and is dropped with its reason otherwise. A point that would read its training split more
+than `max_epochs` times is dropped too: repeated data is worth less than fresh data beyond ~4 epochs (Muennighoff et
+al. 2023, "Scaling Data-Constrained Language Models"), which would bend the fitted law by the data, not by the
+model. Warm-up is the base config's, capped at a tenth of the steps; the cosine runs over the point's own steps
+(Chinchilla: a schedule matched to each run's length).
 """
 
 from __future__ import annotations
