@@ -112,7 +112,9 @@ class MultiplierInterval:
     unable to reach the loss, UnreachableLoss, counted as ratio 0 if a cannot, inf if b cannot), `failed` (a refit
     did not converge), `both_unreachable` (neither fit reaches the loss: no ratio) and `errors` (compute_for_loss
     failed otherwise, e.g. a frontier at the end of its searched range; the first distinct messages, at most
-    MAX_ERROR_MESSAGES, in `error_messages`). The last three are left out of the interval."""
+    MAX_ERROR_MESSAGES, in `error_messages`). The last three are left out of the interval. `compute_a` and
+    `compute_b` are the full fits' C_a(L) and C_b(L) behind the estimate (None where not computed), so a reader can
+    see whether each lies inside the budgets its objective's runs cover or is its law extrapolated."""
 
     loss: float
     estimate: float
@@ -124,6 +126,8 @@ class MultiplierInterval:
     both_unreachable: int = 0
     errors: int = 0
     error_messages: list[str] = field(default_factory=list)
+    compute_a: float | None = None
+    compute_b: float | None = None
 
     def __iter__(self):
         return iter((self.estimate, self.low, self.high))
@@ -210,7 +214,8 @@ def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per
     f_b = flops_per_token_b or flops_per_token_a
     fit_a, fit_b = (_full_fit(p, given, full_fit_restarts, seed, huber_delta)
                     for p, given in ((points_a, fit_a), (points_b, fit_b)))
-    estimates = [compute_multiplier(fit_a, fit_b, loss, flops_per_token_a, f_b) for loss in losses]
+    computes = [(compute_for_loss(fit_a, loss, flops_per_token_a), compute_for_loss(fit_b, loss, f_b))
+                for loss in losses]  # as compute_multiplier, keeping both C
     rng = np.random.default_rng(seed)
     count = len(losses)
     unreachable, both_unreachable, errors = [0] * count, [0] * count, [0] * count
@@ -254,6 +259,7 @@ def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per
                                f"{errors[k]} failed ({'; '.join(messages[k][:3])})")
         low = float(np.percentile(ratios, percentiles[0], method="lower"))
         high = float(np.percentile(ratios, percentiles[1], method="higher"))
-        intervals.append(MultiplierInterval(float(loss), estimates[k], low, high, samples, failed, unreachable[k],
-                                            both_unreachable[k], errors[k], messages[k]))
+        c_a, c_b = computes[k]
+        intervals.append(MultiplierInterval(float(loss), c_b / c_a, low, high, samples, failed, unreachable[k],
+                                            both_unreachable[k], errors[k], messages[k], c_a, c_b))
     return intervals, per_resample

@@ -4,13 +4,15 @@ frontier.py do the mathematics; plots.py draws fit.png).
 
 The multiplier is asked at the best loss the reference objective's own runs reached, so it is read inside the range
 the runs cover, not extrapolated beyond it; its trend (`multiplier_trends`) at the loss the reference's frontier
-reaches at each of the reference's budgets, with the growth per decade of C between the first and the last. A part
-that cannot be computed (too few runs, too few usable budgets, a loss an objective's fit cannot reach, a frontier
-outside its searched range) is reported with its reason, never as a number: "plot_omitted" lists what fit.png leaves
-out, and a plot that fails altogether is reported as "plot": "unavailable: ..." with fit.json still written. Each
-objective's parametric fit on all its runs is computed once and shared by its bootstrap and the multipliers.
-fit.json is strict JSON (`to_json`): a non-finite number, such as an unbounded multiplier interval, is written as a
-string, not null.
+reaches at each of the reference's budgets, with the growth per decade of C between the first and the last. The
+other objective's C at those losses may still lie outside its own runs: each objective's "budgets" and "best_loss"
+are kept beside its fits, and fit.md marks a C outside its objective's budgets as extrapolated, by how many
+decades. A part that cannot be computed (too few runs, too few usable budgets, a loss an objective's fit cannot
+reach, a frontier outside its searched range) is reported with its reason, never as a number: "plot_omitted" lists
+what fit.png leaves out, and a plot that fails altogether is reported as "plot": "unavailable: ..." with fit.json
+still written. Each objective's parametric fit on all its runs is computed once and shared by its bootstrap and the
+multipliers. fit.json is strict JSON (`to_json`): a non-finite number, such as an unbounded multiplier interval, is
+written as a string, not null.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
     report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}, "multiplier_trends": {}}
     fits, per_token = {}, {}
     for objective, runs in groups.items():
-        entry: dict = {"runs": len(runs), "isoflop_minima": isoflop_minima(runs)}
+        entry: dict = {"runs": len(runs), "budgets": [c for c, _ in group_budgets(runs)],
+                       "best_loss": min(p.loss for p in runs), "isoflop_minima": isoflop_minima(runs)}
         try:
             entry["isoflop_scaling"] = isoflop_scaling(entry["isoflop_minima"])
         except ValueError as e:

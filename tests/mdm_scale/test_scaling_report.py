@@ -39,8 +39,10 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
     low, high = report["objectives"]["ar"]["bootstrap"]["intervals"]["alpha"]
     assert f"| alpha | {alpha:.3g} | [{low:.3g}, {high:.3g}] |" in text
     assert text.count("| a: N_opt ~ C^a |") == 2 and text.count("| b: D_opt ~ C^b |") == 2
+    assert multiplier["compute_b"] / multiplier["compute_a"] == pytest.approx(multiplier["estimate"], rel=1e-12)
+    assert report["objectives"]["ar"]["budgets"] == pytest.approx([1e18, 1e19, 1e20, 1e21], rel=0.05)
     row = f"| {key} | {multiplier['loss']:.4g} | {multiplier['estimate']:.3g} | "
-    assert row in text and text.count("| 1e+") >= 2 * 4 + 4  # 4 minima per objective, 4 trend budgets
+    assert row in text and f"| {multiplier['compute_a']:.3g} (inside) |" in text and text.count("| 1e+") >= 2 * 4 + 4  # 4 minima per objective, 4 trend budgets
     g = trend["growth_per_decade"]
     assert f"g = {g[0]:.3g} [{g[1]:.3g}, {g[2]:.3g}]" in text
 
@@ -101,3 +103,21 @@ def test_a_fit_can_be_redone_from_its_points_json_alone(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.json" in err and "loss=-1.0" in err
     assert main(["fit"]) == 2 and "run directories, --points files" in capsys.readouterr().err
+
+
+def test_fit_md_marks_a_compute_outside_its_objectives_runs():
+    """A multiplier whose C_b lies 1.5 decades below b's smallest budget, or 0.5 above a's largest, is its law
+    extrapolated, and fit.md says so with the distance; a C inside (within a budget's 5 %) is marked inside."""
+    interval = {"loss": 2.3, "estimate": 0.1, "low": 0.05, "high": 0.2, "samples": 8, "failed": 0,
+                "unreachable": 0, "both_unreachable": 0, "errors": 0}
+    report = {"runs": 8, "objectives": {name: {"runs": 4, "budgets": [1e13, 1e14], "best_loss": 2.2}
+                                        for name in ("mdlm", "ar")},
+              "multipliers": {"ar/mdlm": dict(interval, compute_a=10 ** 14.5, compute_b=10 ** 11.5)},
+              "multiplier_trends": {"ar/mdlm": {
+                  "budgets": [1e13, 1e14], "losses": [2.4, 2.3], "growth_per_decade": [1.0, 0.5, 2.0],
+                  "growth_samples": 8, "intervals": [dict(interval, compute_a=1e13, compute_b=0.96e13),
+                                                     dict(interval, compute_a=1e14, compute_b=None)]}}}
+    text = summary_markdown(report)
+    assert "| 3.16e+14 (0.5 dec above its runs) | 3.16e+11 (1.5 dec below its runs) |" in text
+    assert "| 9.6e+12 (inside) |" in text and text.rstrip().count("| - |") == 1
+    assert "Budgets run: 1e+13, 1e+14; best run's loss 2.2." in text
