@@ -81,11 +81,13 @@ def plot_fit(points: Sequence[Point], fits: Mapping[str, ParametricFit] | None, 
         for k, (name, trend) in enumerate(trends.items()):
             c = np.array(trend.budgets) * 1.04 ** k  # side by side, not on top of each other
             m = np.array([i.estimate for i in trend.intervals])
-            low = np.array([i.low for i in trend.intervals])
-            high = np.minimum([i.high for i in trend.intervals], 1e6 * m)  # an unbounded end drawn as a long bar
+            # an unbounded end (0 or inf: a resample's fit cannot reach the loss) is drawn as a long bar; the
+            # bars are drawn apart from the markers, as a bootstrap interval need not contain the estimate
+            low = np.maximum([i.low for i in trend.intervals], 1e-6 * m)
+            high = np.minimum([i.high for i in trend.intervals], 1e6 * m)
             g, g_low, g_high = trend.growth_per_decade
-            third.errorbar(c, m, yerr=[m - low, high - m], marker="o", capsize=3,
-                           label=f"{name}: x{g:.2f} per decade [{g_low:.2f}, {g_high:.2f}]")
+            (line,) = third.plot(c, m, marker="o", label=f"{name}: x{g:.2f} per decade [{g_low:.2f}, {g_high:.2f}]")
+            third.vlines(c, low, high, color=line.get_color())
         third.axhline(1.0, color="k", lw=0.8, ls="--")
         third.set(xscale="log", yscale="log", xlabel="reference's budget C (its frontier's loss there)",
                   ylabel="compute multiplier at equal loss", title="compute multiplier (95 % bootstrap)")

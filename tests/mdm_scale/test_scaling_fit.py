@@ -332,9 +332,12 @@ def test_plot_fit_writes_a_png(tmp_path):
     data = open(plot.path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert plot.omitted == []
-    # with a multiplier trend (one interval unbounded above): a third panel beside the two
-    intervals = [MultiplierInterval(2.5, 3.0, 2.5, 3.5, 8, 0, 0), MultiplierInterval(2.3, 3.1, 2.0, math.inf, 8, 0, 1)]
-    trend = frontier.MultiplierTrend([1e18, 1e21], [2.5, 2.3], intervals, (1.01, 0.9, 1.2), 7)
+    # with a multiplier trend: a third panel beside the two. One interval is unbounded above, one reaches 0 (a
+    # resample whose reference fit cannot reach the loss), one lies above its estimate (a bootstrap interval need
+    # not contain the estimate; matplotlib's errorbar refused that as a negative yerr)
+    intervals = [MultiplierInterval(2.5, 3.0, 3.2, 3.5, 8, 0, 0), MultiplierInterval(2.4, 3.0, 0.0, 3.5, 8, 0, 1),
+                 MultiplierInterval(2.3, 3.1, 2.0, math.inf, 8, 0, 1)]
+    trend = frontier.MultiplierTrend([1e18, 1e19, 1e21], [2.5, 2.4, 2.3], intervals, (1.01, 0.9, 1.2), 7)
     wide = plot_fit(points, {"mdlm": TRUE, "ar": law_b}, tmp_path / "trend.png", trends={"ar/mdlm": trend})
     width = lambda png: int.from_bytes(open(png, "rb").read()[16:20], "big")  # noqa: E731  (PNG IHDR width)
     assert width(wide.path) > 1.4 * width(plot.path) and wide.omitted == []
