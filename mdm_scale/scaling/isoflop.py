@@ -6,7 +6,9 @@ Runs of one objective whose FLOPs agree within 5 % form a budget C; in x = log10
 
 and D_opt comes from the budget's own runs: log D interpolated linearly in log N at x*. Across budgets,
 y = k C^a is fitted by least squares in log10 space for y = N_opt, D_opt and L_opt (the last a pure power law
-with no irreducible term: a local description over the budgets fitted, not an extrapolation).
+with no irreducible term: a local description over the budgets fitted, not an extrapolation). Intervals on the
+three exponents (`isoflop_scaling_bootstrap`) come from resampling each budget's runs with replacement and
+redoing both steps; a resample that leaves fewer than 2 usable budgets gives no exponent and is counted.
 """
 
 from __future__ import annotations
@@ -160,3 +162,41 @@ def isoflop_scaling(minima: Sequence[IsoflopMinimum]) -> IsoflopScaling:
     c = [m.flops for m in usable]
     return IsoflopScaling(usable[0].objective, c, power_law_fit(c, [m.n_opt for m in usable]),
                           power_law_fit(c, [m.d_opt for m in usable]), power_law_fit(c, [m.l_opt for m in usable]))
+
+
+@dataclass
+class IsoflopScalingIntervals:
+    """Bootstrap intervals of the IsoFLOP exponents: (low, high) per law ("n_opt", "d_opt", "l_opt") from the
+    `samples - failed` resamples that kept at least 2 usable budgets."""
+
+    samples: int
+    failed: int
+    percentiles: tuple[float, float]
+    intervals: dict[str, tuple[float, float]]
+
+
+def isoflop_scaling_bootstrap(points: Sequence[Point], *, samples: int = 200, seed: int = 0,
+                              percentiles: tuple[float, float] = (2.5, 97.5),
+                              tolerance: float = BUDGET_TOLERANCE) -> IsoflopScalingIntervals:
+    """One objective's IsoFLOP exponents under resampling: each resample redraws every budget's runs with
+    replacement (the budgets stay those run), refits the parabolas and the power laws. ValueError if no resample
+    kept 2 usable budgets."""
+    groups = group_budgets(points, tolerance=tolerance)
+    rng = np.random.default_rng(seed)
+    exponents: dict[str, list[float]] = {"n_opt": [], "d_opt": [], "l_opt": []}
+    failed = 0
+    for _ in range(samples):
+        minima = [isoflop_minimum(runs[0].objective, c, [runs[i] for i in rng.integers(0, len(runs), len(runs))])
+                  for c, runs in groups]
+        try:
+            scaling = isoflop_scaling(minima)
+        except ValueError:
+            failed += 1
+            continue
+        for key in exponents:
+            exponents[key].append(getattr(scaling, key).exponent)
+    if failed == samples:
+        raise ValueError(f"no resample of {samples} kept 2 usable budgets")
+    return IsoflopScalingIntervals(samples, failed, percentiles, {
+        key: (float(np.percentile(v, percentiles[0], method="lower")),
+              float(np.percentile(v, percentiles[1], method="higher"))) for key, v in exponents.items()})

@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_token_from_points, multiplier_trend
-from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling
+from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, isoflop_scaling_bootstrap
 from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point, by_objective, write_points
@@ -47,8 +47,10 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
                        "best_loss": min(p.loss for p in runs), "isoflop_minima": isoflop_minima(runs)}
         try:
             entry["isoflop_scaling"] = isoflop_scaling(entry["isoflop_minima"])
+            entry["isoflop_bootstrap"] = isoflop_scaling_bootstrap(runs, samples=samples, seed=seed)
         except ValueError as e:
-            entry["isoflop_scaling"] = {"unavailable": str(e)}
+            entry.setdefault("isoflop_scaling", {"unavailable": str(e)})
+            entry.setdefault("isoflop_bootstrap", {"unavailable": str(e)})
         try:
             fit = fit_parametric(runs, restarts=FULL_FIT_RESTARTS, seed=seed)
             f = flops_per_token_from_points(runs)  # f(N) as the runs counted it

@@ -95,8 +95,14 @@ def _objective_tables(name: str, entry: dict, points: Sequence[Point] = ()) -> l
     if "unavailable" in scaling:
         lines += [f"IsoFLOP power laws: unavailable ({scaling['unavailable']})", ""]
     elif scaling:
-        laws = ", ".join(f"{k} ~ C^{_num(scaling[k]['exponent'])}" for k in ("n_opt", "d_opt", "l_opt"))
-        lines += [f"IsoFLOP power laws over {len(scaling['budgets'])} budgets (no intervals): {laws}", ""]
+        boot = entry.get("isoflop_bootstrap", {})
+        intervals = boot.get("intervals", {})
+        laws = ", ".join(f"{k} ~ C^{_num(scaling[k]['exponent'])}" + (f" {_interval(*intervals[k])}" if k in intervals
+                                                                       else "") for k in ("n_opt", "d_opt", "l_opt"))
+        how = (f"{boot['percentiles'][0]}-{boot['percentiles'][1]} % intervals from {boot['samples'] - boot['failed']} "
+               f"of {boot['samples']} resamples of each budget's runs" if intervals
+               else f"no intervals: {boot.get('unavailable', 'not run')}")
+        lines += [f"IsoFLOP power laws over {len(scaling['budgets'])} budgets ({how}): {laws}", ""]
     return lines
 
 

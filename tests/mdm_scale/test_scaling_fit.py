@@ -14,7 +14,8 @@ import pytest
 from mdm_scale.scaling import frontier, parametric
 from mdm_scale.scaling.frontier import (MultiplierInterval, UnreachableLoss, compute_for_loss, compute_multiplier,
                                         compute_multiplier_interval, compute_optimal, multiplier_trend)
-from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, power_law_fit
+from mdm_scale.scaling.isoflop import (group_budgets, isoflop_minima, isoflop_scaling, isoflop_scaling_bootstrap,
+                                      power_law_fit)
 from mdm_scale.scaling.parametric import ParametricFit, bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point
@@ -305,6 +306,23 @@ def test_isoflop_budgets_without_a_minimum_are_refused_with_a_reason():
     assert extrapolated.usable and extrapolated.n_opt == pytest.approx(1e6)
     with pytest.raises(ValueError, match="0 usable budget"):
         isoflop_scaling(isoflop_minima(two_sizes))
+
+
+def test_isoflop_exponent_intervals_cover_the_estimate_and_widen_with_noise():
+    """Resampling each budget's runs: the interval holds the all-runs exponent, is wider for noisier runs, and a
+    grid that can never give 2 usable budgets is refused, not reported as an interval."""
+    widths = []
+    for noise in (0.002, 0.02):
+        points = synthetic_points(noise=noise, seed=3)
+        estimate = isoflop_scaling(isoflop_minima(points))
+        boot = isoflop_scaling_bootstrap(points, samples=64, seed=0)
+        assert boot.failed < boot.samples // 2
+        for key in ("n_opt", "d_opt", "l_opt"):
+            assert covers(boot.intervals[key], getattr(estimate, key).exponent), (noise, key)
+        widths.append(boot.intervals["n_opt"][1] - boot.intervals["n_opt"][0])
+    assert widths[1] > 1.5 * widths[0] > 0  # 2.1x here: much of the width is which sizes a resample keeps
+    with pytest.raises(ValueError, match="no resample of 8 kept 2 usable budgets"):
+        isoflop_scaling_bootstrap(synthetic_points(budgets=[1e20], noise=0.01), samples=8)
 
 
 def test_point_refuses_non_positive_values():

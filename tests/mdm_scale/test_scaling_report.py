@@ -43,6 +43,9 @@ def test_report_recovers_a_built_in_compute_multiplier(tmp_path):
     assert report["objectives"]["ar"]["budgets"] == pytest.approx([1e18, 1e19, 1e20, 1e21], rel=0.05)
     row = f"| {key} | {multiplier['loss']:.4g} | {multiplier['estimate']:.3g} | "
     assert row in text and f"| {multiplier['compute_a']:.3g} (inside) |" in text and text.count("| 1e+") >= 2 * 4 + 4  # 4 minima per objective, 4 trend budgets
+    for entry in report["objectives"].values():  # approach 2's exponents with their intervals
+        low, high = entry["isoflop_bootstrap"]["intervals"]["n_opt"]
+        assert f"n_opt ~ C^{entry['isoflop_scaling']['n_opt']['exponent']:.3g} [{low:.3g}, {high:.3g}]" in text
     g = trend["growth_per_decade"]
     assert f"g = {g[0]:.3g} [{g[1]:.3g}, {g[2]:.3g}]" in text
 
