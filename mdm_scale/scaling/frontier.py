@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from mdm_scale.scaling.isoflop import power_law_fit
+from mdm_scale.scaling.isoflop import percentile_interval, power_law_fit
 from mdm_scale.scaling.parametric import ParametricFit, _full_fit, _resample, _theta, fit_parametric
 from mdm_scale.scaling.points import Point
 
@@ -198,8 +198,7 @@ def multiplier_trend(points_a: Sequence[Point], points_b: Sequence[Point], budge
     if not ends:
         raise RuntimeError(f"no bootstrap resample of {samples} gave a finite multiplier at both {budgets[0]:.3g} "
                            f"and {budgets[-1]:.3g} FLOPs")
-    low = float(np.percentile(ends, percentiles[0], method="lower"))
-    high = float(np.percentile(ends, percentiles[1], method="higher"))
+    low, high = percentile_interval(ends, percentiles)
     return MultiplierTrend(budgets, [float(v) for v in losses], intervals,
                            (growth(intervals[0].estimate, intervals[-1].estimate), low, high), len(ends))
 
@@ -257,8 +256,7 @@ def _multiplier_bootstrap(points_a, points_b, losses: Sequence[float], flops_per
             raise RuntimeError(f"no bootstrap resample of {samples} gave a multiplier at loss {loss:.4g}: {failed} "
                                f"refits did not converge, {both_unreachable[k]} reached the loss with neither fit, "
                                f"{errors[k]} failed ({'; '.join(messages[k][:3])})")
-        low = float(np.percentile(ratios, percentiles[0], method="lower"))
-        high = float(np.percentile(ratios, percentiles[1], method="higher"))
+        low, high = percentile_interval(ratios, percentiles)
         c_a, c_b = computes[k]
         intervals.append(MultiplierInterval(float(loss), c_b / c_a, low, high, samples, failed, unreachable[k],
                                             both_unreachable[k], errors[k], messages[k], c_a, c_b))

@@ -115,6 +115,13 @@ def isoflop_minima(points: Sequence[Point], budgets: Sequence[float] | None = No
             for c, group in group_budgets(runs, budgets, tolerance)]
 
 
+def percentile_interval(values: Sequence[float], percentiles: tuple[float, float]) -> tuple[float, float]:
+    """A bootstrap interval as order statistics (np.percentile lower / higher): an infinite end stays infinite
+    rather than being interpolated."""
+    return (float(np.percentile(values, percentiles[0], method="lower")),
+            float(np.percentile(values, percentiles[1], method="higher")))
+
+
 @dataclass
 class PowerLaw:
     """y = coefficient * C^exponent, fitted by least squares in log10 space."""
@@ -197,6 +204,5 @@ def isoflop_scaling_bootstrap(points: Sequence[Point], *, samples: int = 200, se
             exponents[key].append(getattr(scaling, key).exponent)
     if failed == samples:
         raise ValueError(f"no resample of {samples} kept 2 usable budgets")
-    return IsoflopScalingIntervals(samples, failed, percentiles, {
-        key: (float(np.percentile(v, percentiles[0], method="lower")),
-              float(np.percentile(v, percentiles[1], method="higher"))) for key, v in exponents.items()})
+    return IsoflopScalingIntervals(samples, failed, percentiles,
+                                   {key: percentile_interval(v, percentiles) for key, v in exponents.items()})

@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from mdm_scale.scaling.frontier import compute_multiplier_interval, flops_per_token_from_points, multiplier_trend
-from mdm_scale.scaling.isoflop import group_budgets, isoflop_minima, isoflop_scaling, isoflop_scaling_bootstrap
+from mdm_scale.scaling.isoflop import isoflop_minima, isoflop_scaling, isoflop_scaling_bootstrap
 from mdm_scale.scaling.parametric import bootstrap_parametric, fit_parametric
 from mdm_scale.scaling.plots import plot_fit
 from mdm_scale.scaling.points import Point, by_objective, write_points
@@ -43,8 +43,9 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
     report: dict = {"runs": len(points), "objectives": {}, "multipliers": {}, "multiplier_trends": {}}
     fits, per_token = {}, {}
     for objective, runs in groups.items():
-        entry: dict = {"runs": len(runs), "budgets": [c for c, _ in group_budgets(runs)],
-                       "best_loss": min(p.loss for p in runs), "isoflop_minima": isoflop_minima(runs)}
+        minima = isoflop_minima(runs)
+        entry: dict = {"runs": len(runs), "budgets": [m.flops for m in minima],
+                       "best_loss": min(p.loss for p in runs), "isoflop_minima": minima}
         try:
             entry["isoflop_scaling"] = isoflop_scaling(entry["isoflop_minima"])
             entry["isoflop_bootstrap"] = isoflop_scaling_bootstrap(runs, samples=samples, seed=seed)
@@ -76,7 +77,7 @@ def fit_report(points: list[Point], *, samples: int = 200, seed: int = 0, refere
                     fit_b=fits[objective])
             except (ValueError, RuntimeError) as e:  # RuntimeError: no resample gave a multiplier
                 report["multipliers"][f"{objective}/{reference}"] = {"loss": loss, "unavailable": str(e)}
-            budgets = [c for c, _ in group_budgets(groups[reference])]
+            budgets = report["objectives"][reference]["budgets"]
             try:
                 report["multiplier_trends"][f"{objective}/{reference}"] = multiplier_trend(
                     groups[reference], groups[objective], budgets, per_token[reference], per_token[objective],
